@@ -1,0 +1,182 @@
+"""One rank grid over named axes: coordinates, process groups and ring neighbours.
+
+The grid is ``arange(world).view(pp, dp, cp, ep, tp)`` (picotron's layout):
+tp varies fastest, so tensor-parallel peers are neighbours on a node. A
+rank's coordinate on an axis is its index along that dimension; its group on
+an axis (or a tuple of axes) is the set of ranks that share every other
+coordinate. Every strategy asks the mesh; nobody computes ranks by hand.
+
+All groups are created once, in a fixed order, by every rank (torch requires
+every process to take part in each ``new_group``), so later strategies add
+axes or combinations without changing callers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from xtrain.comm.groups import SOLO, label_group
+
+AXES = ("pp", "dp", "cp", "ep", "tp")
+
+
+class MeshError(ValueError):
+    pass
+
+
+def resolve_degrees(world_size: int, **degrees) -> dict[str, int]:
+    """Fill in dp (when absent or -1) from the world size; check the product.
+
+    Raises MeshError with a message that names every degree when they cannot
+    tile the world.
+    """
+    unknown = set(degrees) - set(AXES)
+    if unknown:
+        raise MeshError(f"unknown mesh axes {sorted(unknown)}; axes are {list(AXES)}")
+    d = {a: int(degrees.get(a) if degrees.get(a) is not None else (-1 if a == "dp" else 1)) for a in AXES}
+    for a, v in d.items():
+        if v == 0 or v < -1 or (v == -1 and a != "dp"):
+            raise MeshError(f"mesh degree {a}={v} is invalid (use a positive integer{'; -1 infers dp' if a == 'dp' else ''})")
+    others = 1
+    for a in AXES:
+        if a != "dp":
+            others *= d[a]
+    if d["dp"] == -1:
+        if world_size % others:
+            raise MeshError(
+                f"world size {world_size} is not divisible by pp*cp*ep*tp = "
+                f"{d['pp']}*{d['cp']}*{d['ep']}*{d['tp']} = {others}, so dp cannot be inferred"
+            )
+        d["dp"] = world_size // others
+    if others * d["dp"] != world_size:
+        shown = "*".join(f"{a}={d[a]}" for a in AXES)
+        raise MeshError(f"mesh degrees {shown} = {others * d['dp']} do not match world size {world_size}")
+    return d
+
+
+@dataclass
+class Mesh:
+    """The rank grid of one job. Build it with ``Mesh.build``."""
+
+    world_size: int
+    rank: int
+    degrees: dict[str, int]
+    grid: torch.Tensor  # shape (pp, dp, cp, ep, tp) of global ranks
+    _groups: dict[tuple[str, ...], object] = field(default_factory=dict, repr=False)
+    _group_ranks: dict[tuple[str, ...], list[int]] = field(default_factory=dict, repr=False)
+    _by_partition: dict[tuple, object] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, world_size: int, rank: int, combos=(("dp", "cp"),), **degrees) -> "Mesh":
+        """Resolve degrees and create a process group for every axis and combination.
+
+        ``combos`` lists the multi-axis groups to create as well (for example
+        ("dp", "cp") for gradient reduction under context parallel).
+        """
+        d = resolve_degrees(world_size, **degrees)
+        grid = torch.arange(world_size).view(*(d[a] for a in AXES))
+        mesh = cls(world_size, rank, d, grid)
+        for axes in [(a,) for a in AXES] + [tuple(c) for c in combos]:
+            mesh._make_group(axes)
+        return mesh
+
+    # -- coordinates ---------------------------------------------------
+    @property
+    def coords(self) -> dict[str, int]:
+        idx = (self.grid == self.rank).nonzero()[0].tolist()
+        return dict(zip(AXES, idx))
+
+    def coord(self, axis: str) -> int:
+        return self.coords[axis]
+
+    def size(self, axes) -> int:
+        n = 1
+        for a in _as_axes(axes):
+            n *= self.degrees[a]
+        return n
+
+    def __getattr__(self, name):
+        # mesh.dp, mesh.tp_rank ... as conveniences over degrees and coords.
+        if name in AXES:
+            return self.degrees[name]
+        if name.endswith("_rank") and name[:-5] in AXES:
+            return self.coord(name[:-5])
+        raise AttributeError(name)
+
+    # -- groups --------------------------------------------------------
+    def ranks(self, axes) -> list[int]:
+        """Global ranks of this rank's group along ``axes``, ordered by coordinate."""
+        axes = _as_axes(axes)
+        return self._group_ranks[axes] if axes in self._group_ranks else self._ranks_of(axes, self.rank)
+
+    def group(self, axes):
+        """The process group along ``axes``. A one-member group is ``SOLO``, on
+        which every xtrain.comm collective is the identity (never None, which
+        torch reads as the whole world)."""
+        axes = _as_axes(axes)
+        if axes not in self._groups:
+            raise KeyError(f"no group for axes {axes}; create it with Mesh.build(combos=...)")
+        return self._groups[axes]
+
+    def group_label(self, axes) -> str:
+        return "x".join(_as_axes(axes))
+
+    def neighbours(self, axis: str) -> tuple[int, int]:
+        """(previous, next) global ranks on the ring along ``axis``."""
+        ranks = self.ranks(axis)
+        i = ranks.index(self.rank)
+        return ranks[(i - 1) % len(ranks)], ranks[(i + 1) % len(ranks)]
+
+    def _ranks_of(self, axes, rank) -> list[int]:
+        idx = (self.grid == rank).nonzero()[0].tolist()
+        index = [slice(None) if a in axes else idx[i] for i, a in enumerate(AXES)]
+        # members ordered by grid position (the earlier axis in AXES varies slowest)
+        return self.grid[tuple(index)].flatten().tolist()
+
+    def _make_group(self, axes):
+        axes = _as_axes(axes)
+        if axes in self._groups:
+            return
+        partition = []
+        for r in range(self.world_size):
+            members = self._ranks_of(axes, r)
+            if members not in partition:
+                partition.append(members)
+        mine = self._ranks_of(axes, self.rank)
+        self._group_ranks[axes] = mine
+        key = tuple(map(tuple, partition))
+        if len(mine) == 1:
+            group = SOLO
+        elif key in self._by_partition:  # e.g. (dp, cp) with cp=1 is the dp group
+            group = self._by_partition[key]
+        elif not dist.is_initialized():
+            raise MeshError(f"a {len(mine)}-rank group on {axes} needs torch.distributed to be initialized")
+        elif mine == list(range(self.world_size)):
+            group = dist.group.WORLD
+        else:
+            group, _ = dist.new_subgroups_by_enumeration(partition)
+        self._by_partition[key] = group
+        self._groups[axes] = group
+        if group is not SOLO:
+            label_group(group, self.group_label(axes))
+
+    def describe(self) -> str:
+        return " ".join(f"{a}={self.degrees[a]}" for a in AXES)
+
+
+def _as_axes(axes) -> tuple[str, ...]:
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    for a in axes:
+        if a not in AXES:
+            raise KeyError(f"unknown mesh axis {a!r}; axes are {list(AXES)}")
+    return axes
+
+
+def single_process_mesh() -> Mesh:
+    return Mesh.build(1, 0)
+
+
+__all__ = ["AXES", "Mesh", "MeshError", "resolve_degrees", "single_process_mesh"]

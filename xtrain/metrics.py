@@ -1,0 +1,125 @@
+"""Per-step metrics: metrics.jsonl, the console, the progress bar and wandb.
+
+Only rank 0 writes or prints; the trainer has already reduced every figure
+over ranks (the schema is in docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the allocator's peak. CPU: the process's peak resident set (includes torch itself)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg, rank: int, start_step: int, console: Console | None = None):
+        self.rank, self.cfg = rank, cfg
+        self.active = rank == 0
+        self.log_every = max(int(cfg.train.log_every), 1)
+        self.console = console or Console(soft_wrap=True)
+        self.file = self.progress = self.task = self.wandb_run = None
+        if not self.active:
+            return
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+        show = cfg.train.progress
+        if show == "auto":
+            show = self.console.is_terminal
+        if show:
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.task = self.progress.add_task("train", total=cfg.train.steps, completed=start_step, info="")
+            self.progress.start()
+        if cfg.logger == "wandb":
+            self.wandb_run = _start_wandb(cfg, run_dir)
+
+    def print(self, *args, **kwargs) -> None:
+        if self.active:
+            self.console.print(*args, **kwargs)
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if not isinstance(v, dict)}, step=step)
+        line = f"step {step:>6d}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  gnorm {record['grad_norm']:.3f}"
+        line += f"  {record['tokens_per_s']:,.0f} tok/s"
+        if "val_loss" in record:
+            line += f"  val {record['val_loss']:.4f}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=f"loss {record['loss']:.4f}")
+        if step % self.log_every == 0 or step == self.cfg.train.steps or "val_loss" in record:
+            self.console.print(line)
+
+    def close(self, ledger_rows=()) -> None:
+        if not self.active:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+        if ledger_rows:
+            self.console.print(comm_table(ledger_rows))
+        if self.file is not None:
+            self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def comm_table(rows) -> Table:
+    table = Table(title="communication on rank 0 (whole run)")
+    for col in ("collective", "group", "calls", "sent", "received", "time"):
+        table.add_column(col, justify="left" if col in ("collective", "group") else "right")
+    for op, group, calls, sent, recv, secs in rows:
+        table.add_row(op, group, str(calls), human_bytes(sent), human_bytes(recv), f"{secs:.3f} s")
+    return table
+
+
+def _start_wandb(cfg, run_dir: Path):
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError("logger=wandb needs wandb: pip install -e '.[wandb]'") from e
+    from omegaconf import OmegaConf
+
+    # Offline unless the user chose otherwise: no test or default run touches the network.
+    mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
+    return wandb.init(
+        project=cfg.wandb.project,
+        name=cfg.wandb.name,
+        dir=str(run_dir),
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr)
