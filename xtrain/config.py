@@ -133,11 +133,13 @@ def check_config(cfg: DictConfig, world_size: int, data_vocab: int | None = None
         mcfg = None
 
     t = cfg.train
-    for key in ("steps", "global_batch_size", "micro_batches", "seq_len"):
-        if not isinstance(t.get(key), int) or t.get(key) < 1:
-            problems.append(f"train.{key} must be a positive integer, got {t.get(key)!r}")
-    if problems:
-        return problems
+    bad_ints = [
+        f"train.{key} must be a positive integer, got {t.get(key)!r}"
+        for key in ("steps", "global_batch_size", "micro_batches", "seq_len")
+        if not isinstance(t.get(key), int) or t.get(key) < 1
+    ]
+    if bad_ints:
+        return problems + bad_ints
 
     if mcfg is not None and t.seq_len > mcfg.max_seq_len:
         problems.append(f"train.seq_len={t.seq_len} is above the model's limit model.max_seq_len={mcfg.max_seq_len}")

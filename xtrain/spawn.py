@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -57,7 +58,9 @@ def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, env, queue)
             dist.init_process_group(
                 backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
             )
-        result = fn(rank, world_size, *args)
+        # Plain pickle copies tensors by value; the queue's own pickler would
+        # share them through handles that die with this process.
+        result = pickle.dumps(fn(rank, world_size, *args))
         queue.put((rank, "ok", result))
     except BaseException as e:  # noqa: BLE001 - every failure must reach the parent
         kind = "addr" if _address_in_use(e) else "error"
@@ -141,7 +144,7 @@ def _run_once(fn, nprocs, args, backend, timeout, pg_timeout, env):
                     raise RankFailed(f"rank {r} of {nprocs} died with exit code {procs[r].exitcode} and no traceback")
                 continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             elif status == "addr":
                 raise _PortTaken(payload)
             else:

@@ -1,0 +1,61 @@
+"""The parity helper: run a config under a strategy and under ``single`` and
+compare per-step losses and final parameters.
+
+Starting ranks costs seconds, so ``run_many`` runs a list of configs one after
+another inside one spawned process group; ``single`` references are computed
+in this process and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+from xtrain.config import compose
+from xtrain.spawn import run_on_ranks
+
+
+def run_config(overrides: list[str], return_params: bool = True):
+    """One run in this process (no torch.distributed unless a group exists)."""
+    from xtrain.train import run
+
+    result = run(compose(overrides), return_params=return_params)
+    return result.losses, result.params
+
+
+@functools.lru_cache(maxsize=64)
+def single_reference(overrides: tuple[str, ...]):
+    return run_config([*overrides, "strategy=single"])
+
+
+def _run_list(rank, world, configs):
+    out = []
+    for overrides in configs:
+        losses, params = run_config(list(overrides))
+        out.append((losses, params if rank == 0 else None))
+    return out
+
+
+def run_many(configs: list[list[str]], world: int, timeout: float = 300.0):
+    """Rank 0's (losses, params) for each config, all run in one ``world``-rank job."""
+    per_rank = run_on_ranks(_run_list, world, [list(c) for c in configs], timeout=timeout, pg_timeout=60)
+    return per_rank[0]
+
+
+def assert_parity(reference, candidate, loss_rtol=1e-5, param_atol=1e-5, label=""):
+    ref_losses, ref_params = reference
+    losses, params = candidate
+    assert len(losses) == len(ref_losses), f"{label}: {len(losses)} steps vs {len(ref_losses)}"
+    for step, (a, b) in enumerate(zip(losses, ref_losses), start=1):
+        assert abs(a - b) <= loss_rtol * abs(b), f"{label}: step {step} loss {a!r} vs single {b!r}"
+    if params is not None:
+        assert params.keys() == ref_params.keys(), f"{label}: parameter names differ"
+        for name, ref in ref_params.items():
+            diff = (params[name] - ref).abs().max().item()
+            assert diff <= param_atol, f"{label}: parameter {name} differs by {diff:.3g}"
+
+
+def strategy_overrides(base: list[str], strategy: str, comm: str, *extra: str) -> list[str]:
+    return [*base, f"strategy={strategy}", f"comm={comm}", *extra]
+
+
