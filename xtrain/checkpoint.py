@@ -1,10 +1,22 @@
 """Checkpoints: model, optimizer, RNG states, data position and step.
 
-Layout: ``RUN/checkpoints/step_000100/`` holding the strategy's files
-(``model.safetensors``, ``optim.pt``, or per-rank shards), ``rng_rank{r}.pt``
-for every rank, and ``meta.json``. Every file is written to a temporary name
-and renamed into place; ``meta.json`` is written last, by rank 0, after every
-rank has finished, so a checkpoint without it is incomplete and ignored.
+Layout: ``RUN/checkpoints/step_000100/`` holding
+
+- replicated strategies (single, dp, ddp): ``model.safetensors`` (parameters by
+  name) and ``optim.safetensors`` (AdamW state by parameter name:
+  ``NAME/exp_avg``, ``NAME/exp_avg_sq``, ``NAME/step``), written by rank 0;
+- sharded strategies (zero1/2/3): ``shard_rank{R}.safetensors`` from every
+  rank (its slice of each flat group: ``GROUP/param``, ``GROUP/exp_avg``, ...)
+  and ``shards.json``, the layout that turns the slices back into named tensors;
+- ``rng_rank{R}.pt`` for every rank, and ``meta.json``.
+
+Every file is written to a temporary name and renamed into place; ``meta.json``
+is written last, by rank 0, after every rank has finished, so a checkpoint
+without it is incomplete and ignored.
+
+Any checkpoint reads back into one canonical form, full tensors by parameter
+name (``read_full_state``), and every strategy loads from that form, so a
+checkpoint saved under one strategy and world size resumes under another.
 The data position is the step itself: the batch at step s is a function of
 (seed, step), so resuming at s replays exactly the batches a straight run sees.
 """
@@ -19,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 META = "meta.json"
+SHARDS = "shards.json"
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
 def _atomic(path: Path, write) -> None:
@@ -31,22 +45,81 @@ def _atomic(path: Path, write) -> None:
 
 
 def write_file(path: Path, obj) -> None:
-    """Write one checkpoint file atomically: a model goes to safetensors, anything else to torch.save."""
-    if isinstance(obj, torch.nn.Module):
-        _atomic(path, lambda p: save_model(obj, str(p)))
+    """Write one checkpoint file atomically, by suffix: .safetensors (a dict of
+    tensors), .json, or anything else with torch.save."""
+    if path.suffix == ".safetensors":
+        tensors = {k: v.detach().contiguous().cpu() for k, v in obj.items()}
+        _atomic(path, lambda p: save_file(tensors, str(p)))
     elif path.suffix == ".json":
         _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
     else:
         _atomic(path, lambda p: torch.save(obj, p))
 
 
-def read_file(path: Path, into=None):
+def read_file(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file missing: {path}")
-    if into is not None:
-        load_model(into, str(path))
-        return into
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# -- canonical form --------------------------------------------------------------
+
+
+def optim_to_flat_dict(optim: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{name}/{k}": v for name, state in optim.items() for k, v in state.items()}
+
+
+def optim_from_flat_dict(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        name, k = key.rsplit("/", 1)
+        out.setdefault(name, {})[k] = v
+    return out
+
+
+def unflatten_groups(manifest: dict, shard_files: dict[str, dict[str, torch.Tensor]]):
+    """Rebuild full named tensors from every rank's slices of every flat group."""
+    params, optim = {}, {}
+    for gname, g in manifest["groups"].items():
+        pieces = [shard_files[f] for f in g["files"]]
+        for key in ("param", "exp_avg", "exp_avg_sq"):
+            if f"{gname}/{key}" not in pieces[0]:
+                continue
+            flat = torch.cat([p[f"{gname}/{key}"] for p in pieces])
+            for name, shape, offset in zip(g["names"], g["shapes"], g["offsets"]):
+                numel = int(np.prod(shape)) if shape else 1
+                t = flat[offset : offset + numel].view(shape).clone()
+                if key == "param":
+                    params[name] = t
+                else:
+                    optim.setdefault(name, {})[key] = t
+        step = pieces[0].get(f"{gname}/step")
+        if step is not None:
+            for name in g["names"]:
+                optim.setdefault(name, {})["step"] = step.clone()
+    return params, optim
+
+
+def read_full_state(path: Path):
+    """(parameters by name, AdamW state by name) from any strategy's checkpoint."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        params = read_file(path / "model.safetensors")
+        optim_file = path / "optim.safetensors"
+        optim = optim_from_flat_dict(read_file(optim_file)) if optim_file.is_file() else {}
+        return params, optim
+    if (path / SHARDS).is_file():
+        manifest = read_file(path / SHARDS)
+        files = {f for g in manifest["groups"].values() for f in g["files"]}
+        return unflatten_groups(manifest, {f: read_file(path / f) for f in files})
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor {SHARDS}")
+
+
+# -- RNG ---------------------------------------------------------------------------
 
 
 def rng_state() -> dict:
@@ -62,6 +135,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- save / load ----------------------------------------------------------------------
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -99,12 +175,15 @@ def save(run_dir: Path, step: int, strategy, model, optimizer, meta: dict, barri
 
 
 def load(path: Path, strategy, model, optimizer) -> dict:
-    """Restore a checkpoint written by ``save``; returns its meta (``meta['step']`` = next step)."""
+    """Restore any complete checkpoint into this strategy; returns its meta
+    (``meta['step']`` is the next step to run). RNG states are restored when
+    the checkpoint has one for this rank."""
     path = Path(path)
     if not (path / META).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META})")
-    meta = json.loads((path / META).read_text())
-    strategy.load_checkpoint_files(model, optimizer, lambda name, into=None: read_file(path / name, into))
+    meta = read_file(path / META)
+    params, optim = read_full_state(path)
+    strategy.load_full_state(model, optimizer, params, optim)
     rng = path / f"rng_rank{strategy.mesh.rank}.pt"
     if rng.is_file():
         set_rng_state(read_file(rng))

@@ -30,7 +30,7 @@ from xtrain.data import load_data, local_batch
 from xtrain.mesh import Mesh
 from xtrain.metrics import MetricsLogger, human_bytes, peak_memory_bytes
 from xtrain.model import ModelConfig, build_model
-from xtrain.optim import build_optimizer, lr_at, set_lr
+from xtrain.optim import lr_at, set_lr
 from xtrain.parallel import STRATEGIES
 
 log = logging.getLogger("xtrain")
@@ -114,7 +114,7 @@ def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
     model = build_model(mcfg, cfg.seed)
     n_params = model.num_params()
     model = strategy.parallelize(model.to(device))
-    optimizer = build_optimizer(model, t)
+    optimizer = strategy.build_optimizer(model, t)
 
     logger = MetricsLogger(run_dir, cfg, rank, start_step=0)
     if rank == 0:
@@ -180,8 +180,9 @@ def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
             loss = strategy.forward_backward(model, x.to(device), y.to(device), t.micro_batches, autocast)
             strategy.reduce_gradients(model)
             grad_norm = strategy.clip_grad_norm_(model, t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            strategy.optimizer_step(optimizer)
+            state_bytes = strategy.model_state_bytes(model, optimizer)  # grads still live here
+            strategy.zero_grad(model, optimizer)
             mean_loss, (peak, gnorm) = global_mean(loss, strategy.loss_weight(), peak_memory_bytes(device), float(grad_norm))
             step_time = time.perf_counter() - t0
             losses.append(mean_loss)
@@ -195,6 +196,7 @@ def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
                 "tokens_per_s": tokens_per_step / step_time,
                 "step_time_s": step_time,
                 "peak_mem_bytes": int(peak),
+                "model_state_bytes": state_bytes,
                 "comm": comm.ledger.take_step(),
             }
             if t.eval_every and (done % t.eval_every == 0 or done == t.steps):

@@ -4,8 +4,9 @@
 """
 
 from xtrain.parallel.base import Single, Strategy
-from xtrain.parallel.data import DataParallel
+from xtrain.parallel.data import DataParallel, DistributedDataParallel
+from xtrain.parallel.zero import Zero1, Zero2, Zero3
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, DataParallel)}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, DataParallel, DistributedDataParallel, Zero1, Zero2, Zero3)}
 
 __all__ = ["STRATEGIES", "Strategy"]

@@ -7,7 +7,8 @@ The trainer calls, per optimizer step::
         with strategy.no_sync(model) (all but the last):  loss.backward()
     strategy.reduce_gradients(model)
     norm = strategy.clip_grad_norm_(model, max_norm)
-    optimizer.step()
+    strategy.optimizer_step(optimizer)
+    strategy.zero_grad(model, optimizer)
 
 A strategy reads its options and the mesh; it never reaches back into the
 config or the launcher.
@@ -21,8 +22,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from xtrain.checkpoint import OPTIM_KEYS, optim_to_flat_dict
 from xtrain.comm import Comm, ReduceOp
 from xtrain.mesh import Mesh
+from xtrain.optim import build_optimizer
 
 
 class Strategy:
@@ -89,10 +92,6 @@ class Strategy:
     def eval_loss(self, model: nn.Module, x, y) -> torch.Tensor:
         return self.loss(model(x), y)
 
-    def full_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every parameter, whole, on CPU (gathers shards where a strategy has them)."""
-        return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
-
     def no_sync(self, model: nn.Module):
         """Context for micro-batches whose gradients are not yet reduced."""
         return contextlib.nullcontext()
@@ -124,22 +123,86 @@ class Strategy:
         norm = norm_sq.sqrt()
         if max_norm and max_norm > 0:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale.to(p.grad.dtype))
+            for g in grads:
+                g.mul_(scale.to(g.dtype))
         return norm
 
-    # -- checkpoints -----------------------------------------------------------
+    # -- optimizer ------------------------------------------------------------
+    def build_optimizer(self, model: nn.Module, train_cfg) -> torch.optim.Optimizer:
+        return build_optimizer(model, train_cfg)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def zero_grad(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    # -- accounting -------------------------------------------------------------
+    def model_state_bytes(self, model: nn.Module, optimizer) -> dict[str, int]:
+        """Bytes this rank holds now for parameters, gradients and optimizer
+        states, measured from the live tensors (each storage counted once)."""
+        return {
+            "params": storage_bytes(self.param_tensors(model)),
+            "grads": storage_bytes(self.grad_tensors(model)),
+            "optim": storage_bytes(v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)),
+        }
+
+    def param_tensors(self, model: nn.Module):
+        return [p for p in model.parameters()]
+
+    def grad_tensors(self, model: nn.Module):
+        return [p.grad for p in model.parameters() if p.grad is not None]
+
+    # -- checkpoints (canonical form: full tensors by parameter name) ---------------
     def checkpoint_files(self, model: nn.Module, optimizer) -> dict[str, object]:
-        """Files this rank writes: name -> state. Replicated state is written by rank 0 only."""
+        """Files this rank writes: name -> content. Replicated state: rank 0 only."""
         if self.mesh.rank != 0:
             return {}
-        return {"model.safetensors": model, "optim.pt": optimizer.state_dict()}
+        params, optim = self.full_state(model, optimizer)
+        return {"model.safetensors": params, "optim.safetensors": optim_to_flat_dict(optim)}
 
-    def load_checkpoint_files(self, model: nn.Module, optimizer, read) -> None:
-        """``read(name)`` returns a file's content (a model is loaded into ``model``)."""
-        read("model.safetensors", model)
-        optimizer.load_state_dict(read("optim.pt"))
+    def full_state(self, model: nn.Module, optimizer):
+        """(parameters by name, AdamW state by name), whole, on CPU."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = {n: p.detach().cpu() for n, p in model.named_parameters()}
+        optim = {
+            names[id(p)]: {k: v.detach().cpu() for k, v in st.items() if k in OPTIM_KEYS}
+            for p, st in optimizer.state.items()
+        }
+        return params, optim
+
+    @torch.no_grad()
+    def load_full_state(self, model: nn.Module, optimizer, params: dict, optim: dict) -> None:
+        check_names(model, params)
+        for n, p in model.named_parameters():
+            p.copy_(params[n])
+        for n, p in model.named_parameters():
+            if n in optim:
+                optimizer.state[p] = {k: v.clone().to(p.device) if k != "step" else v.clone() for k, v in optim[n].items()}
+
+    def full_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter, whole, on CPU (gathers shards where a strategy has them)."""
+        return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+
+
+def storage_bytes(tensors) -> int:
+    """Total bytes of the distinct storages behind ``tensors`` (views share one)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen and st.nbytes():
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return total
+
+
+def check_names(model: nn.Module, params: dict) -> None:
+    expected = {n for n, _ in model.named_parameters()}
+    missing, extra = expected - params.keys(), params.keys() - expected
+    if missing or extra:
+        raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
 
 
 class Single(Strategy):

@@ -1,27 +1,150 @@
 """Data parallelism: every rank holds the whole model and a slice of the batch.
 
 ``dp``: after backward, every gradient is all-reduced (averaged) over the dp
-axis, one collective per parameter (the textbook version; see ``ddp`` for
-bucketing and overlap). Per rank, a ring all-reduce of Ψ fp32 gradients moves
-2Ψ·(dp-1)/dp elements each way per step.
+axis, one collective per parameter: the textbook version.
+
+``ddp``: gradients live in flat buckets of about ``bucket_mb`` MB, filled in
+reverse parameter order (the order backward produces them). Each parameter's
+``.grad`` is a view into its bucket, so autograd accumulates straight into the
+buffer the collective reads. When the last gradient of a bucket arrives
+(a post-accumulate-grad hook), the bucket's all-reduce starts asynchronously
+while backward goes on computing earlier layers (Li et al., "PyTorch
+Distributed", VLDB 2020). Under ``no_sync`` (all micro-batches but the last)
+nothing is sent and gradients accumulate locally.
+
+Per rank and step both move 2Ψ(dp-1)/dp elements each way (ring all-reduce).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
 
 from xtrain.comm import ReduceOp
 from xtrain.parallel.base import Strategy
+from xtrain.parallel.flat import FlatGroup
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def reduce_dtype_of(options) -> torch.dtype | None:
+    """The gradient-communication dtype (``strategy.reduce_dtype``), None for the grads' own."""
+    name = options.get("reduce_dtype", "fp32") if options is not None else "fp32"
+    return DTYPES[name]
+
+
+def check_reduce_dtype(options) -> list[str]:
+    name = options.get("reduce_dtype", "fp32")
+    return [] if name in DTYPES else [f"strategy.reduce_dtype={name!r} is not one of {list(DTYPES)}"]
 
 
 class DataParallel(Strategy):
     name = "dp"
     supported_axes = ("dp",)
 
+    @classmethod
+    def check(cls, options, degrees, world_size):
+        return super().check(options, degrees, world_size) + check_reduce_dtype(options)
+
     @torch.no_grad()
     def reduce_gradients(self, model: nn.Module) -> None:
-        group = self.mesh.group("dp")
+        group, dtype = self.mesh.group("dp"), reduce_dtype_of(self.options)
         for p in model.parameters():
-            if p.grad is not None:
+            if p.grad is None:
+                continue
+            if p.grad.dtype == dtype:
                 self.comm.all_reduce(p.grad, op=ReduceOp.AVG, group=group)
+            else:
+                g = p.grad.to(dtype)
+                self.comm.all_reduce(g, op=ReduceOp.AVG, group=group)
+                p.grad.copy_(g)
+
+
+class Bucket:
+    """A flat gradient buffer for a run of parameters, and its in-flight all-reduce."""
+
+    def __init__(self, layout: FlatGroup, buffer: torch.Tensor):
+        self.layout, self.buffer = layout, buffer
+        self.pending = len(layout.params)
+        self.work = None
+        self.comm_buffer = None
+
+    def view(self, i: int) -> torch.Tensor:
+        o = self.layout.offsets[i]
+        return self.buffer[o : o + self.layout.numels[i]].view(self.layout.shapes[i])
+
+
+class DistributedDataParallel(DataParallel):
+    name = "ddp"
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        self.reduce_dtype = reduce_dtype_of(self.options)
+        self.sync = True
+        limit = float(self.options.get("bucket_mb", 25)) * 2**20
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad][::-1]
+        runs, run, size = [], [], 0
+        for n, p in named:
+            if run and size + p.numel() * p.element_size() > limit:
+                runs.append(run)
+                run, size = [], 0
+            run.append((n, p))
+            size += p.numel() * p.element_size()
+        if run:
+            runs.append(run)
+        self.buckets = []
+        for b, run in enumerate(runs):
+            layout = FlatGroup([n for n, _ in run], [p for _, p in run], shards=1)
+            bucket = Bucket(layout, torch.zeros(layout.numel, dtype=run[0][1].dtype, device=run[0][1].device))
+            self.buckets.append(bucket)
+            for i, (_, p) in enumerate(run):
+                p.grad = bucket.view(i)
+                p.register_post_accumulate_grad_hook(self._hook(bucket, i))
+        return model
+
+    def _hook(self, bucket: Bucket, i: int):
+        def on_grad_ready(p: torch.Tensor) -> None:
+            if p.grad.data_ptr() != bucket.view(i).data_ptr():
+                # autograd replaced the view (it does when the grad is shared): put it back
+                bucket.view(i).copy_(p.grad)
+                p.grad = bucket.view(i)
+            if not self.sync:
+                return
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch(bucket)
+
+        return on_grad_ready
+
+    def _launch(self, bucket: Bucket) -> None:
+        buf = bucket.buffer if bucket.buffer.dtype == self.reduce_dtype else bucket.buffer.to(self.reduce_dtype)
+        bucket.comm_buffer = buf
+        bucket.work = self.comm.all_reduce(buf, op=ReduceOp.AVG, group=self.mesh.group("dp"), async_op=True)
+
+    def no_sync(self, model: nn.Module):
+        @contextlib.contextmanager
+        def paused():
+            self.sync = False
+            try:
+                yield
+            finally:
+                self.sync = True
+
+        return paused()
+
+    @torch.no_grad()
+    def reduce_gradients(self, model: nn.Module) -> None:
+        for bucket in self.buckets:
+            if bucket.work is None:  # a parameter that got no gradient this step
+                self._launch(bucket)
+        for bucket in self.buckets:
+            bucket.work.wait()
+            if bucket.comm_buffer is not bucket.buffer:
+                bucket.buffer.copy_(bucket.comm_buffer)
+            bucket.work = bucket.comm_buffer = None
+            bucket.pending = len(bucket.layout.params)
+
+    def zero_grad(self, model: nn.Module, optimizer) -> None:
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
