@@ -14,7 +14,7 @@ BASE = [
     "train.eval_every=0",
     "train.progress=false",
 ]
-CASES = [(comm, mb) for comm in ("torch",) for mb in (1, 2)]
+CASES = [(comm, mb) for comm in ("xtrain", "torch") for mb in (1, 2)]
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -68,17 +68,21 @@ class Mesh:
     _groups: dict[tuple[str, ...], object] = field(default_factory=dict, repr=False)
     _group_ranks: dict[tuple[str, ...], list[int]] = field(default_factory=dict, repr=False)
     _by_partition: dict[tuple, object] = field(default_factory=dict, repr=False)
+    _timeout: object = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, world_size: int, rank: int, combos=(("dp", "cp"),), **degrees) -> "Mesh":
+    def build(cls, world_size: int, rank: int, combos=(("dp", "cp"),), timeout=None, **degrees) -> "Mesh":
         """Resolve degrees and create a process group for every axis and combination.
 
         ``combos`` lists the multi-axis groups to create as well (for example
         ("dp", "cp") for gradient reduction under context parallel).
+        ``timeout`` (a timedelta) bounds collectives on the subgroups; by
+        default they inherit the world group's, never torch's 30-minute default.
         """
         d = resolve_degrees(world_size, **degrees)
         grid = torch.arange(world_size).view(*(d[a] for a in AXES))
         mesh = cls(world_size, rank, d, grid)
+        mesh._timeout = timeout if timeout is not None else _world_timeout()
         for axes in [(a,) for a in AXES] + [tuple(c) for c in combos]:
             mesh._make_group(axes)
         return mesh
@@ -157,7 +161,7 @@ class Mesh:
         elif mine == list(range(self.world_size)):
             group = dist.group.WORLD
         else:
-            group, _ = dist.new_subgroups_by_enumeration(partition)
+            group, _ = dist.new_subgroups_by_enumeration(partition, timeout=self._timeout)
         self._by_partition[key] = group
         self._groups[axes] = group
         if group is not SOLO:
@@ -165,6 +169,16 @@ class Mesh:
 
     def describe(self) -> str:
         return " ".join(f"{a}={self.degrees[a]}" for a in AXES)
+
+
+def _world_timeout():
+    """The world group's collective timeout (None when it cannot be read)."""
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.group.WORLD._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # noqa: BLE001 - a backend without CPU options: torch's default applies
+        return None
 
 
 def _as_axes(axes) -> tuple[str, ...]:

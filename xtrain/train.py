@@ -103,7 +103,7 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, return_params: bool 
 def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
     torch.manual_seed(cfg.seed)
     t = cfg.train
-    mesh = Mesh.build(world, rank, **mesh_degrees(cfg))
+    mesh = Mesh.build(world, rank, timeout=timedelta(seconds=cfg.dist_timeout_s), **mesh_degrees(cfg))
     comm = get_comm(cfg.comm)
     # Bookkeeping (metrics, barriers) has its own ledger, so the training
     # ledger counts exactly what the strategy moves.

@@ -71,10 +71,13 @@ class Comm:
     def __init__(self, ledger: Ledger | None = None):
         self.ledger = ledger or Ledger()
 
-    def _timed(self, op: str, group, sent: int, recv: int, run, async_op: bool):
+    def _timed(self, op: str, group, sent: int, recv: int, run, async_op: bool, traffic=None):
         """Run ``run()`` (which returns a callable that completes the op) and record it.
 
-        Async ops are timed from issue to ``wait()``.
+        Async ops are timed from issue to ``wait()``. When ``traffic`` is given
+        (an object with ``sent``/``recv`` byte and ``messages`` counts filled in while the op
+        runs), the ledger takes the bytes from it at completion instead of
+        ``sent``/``recv``.
         """
         t0 = time.perf_counter()
         with guarded(op, group):
@@ -82,7 +85,8 @@ class Comm:
 
         def complete():
             finish()
-            self.ledger.record(op, group_label(group), sent, recv, time.perf_counter() - t0)
+            s, r, m = (traffic.sent, traffic.recv, traffic.messages) if traffic is not None else (sent, recv, 0)
+            self.ledger.record(op, group_label(group), s, r, time.perf_counter() - t0, m)
 
         if async_op:
             return Work(complete, op, group)

@@ -1,0 +1,548 @@
+"""xtrain.comm against torch.distributed: every collective, many group shapes, dtypes and lengths.
+
+Each spawn runs hundreds of cases (starting ranks costs seconds); a worker
+returns the cases that disagreed, and the test asserts there are none.
+
+Agreement rule: integer dtypes, MAX/MIN and data movement (gathers,
+broadcast, scatter, all-to-all) are bitwise equal to torch's result. Float
+SUM/AVG/PRODUCT agree within round-off: both sides add n terms in the
+tensor's dtype in different orders, so the tolerance is
+``rtol = atol = 4 * n * eps(dtype)`` (inputs are O(1)): fp32 ~ 1e-6 n,
+bf16 ~ 0.03 n.
+
+Cases come from a fixed matrix (every op x every dtype at two lengths on a
+non-contiguous subgroup) plus hypothesis-drawn cases (lengths biased to the
+edges: 0, 1, not divisible by the group size; random groups, roots, uneven
+all-to-all splits, segment sizes that force deep pipelines, tree vs chain).
+Hypothesis draws the cases in the parent, deterministically; all ranks run
+the same list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from xtrain.comm import SOLO, CollectiveTimeout, CommError, get_comm, label_group
+from xtrain.spawn import run_on_ranks
+
+DTYPES = ["float32", "float64", "float16", "bfloat16", "int32", "int64"]
+REDUCING = ["all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "reduce"]
+MOVING = [
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "all_gather",
+    "broadcast",
+    "gather",
+    "scatter",
+    "all_to_all_single",
+    "all_to_all",
+    "send_recv",
+    "barrier",
+]
+OPS = REDUCING + MOVING
+RED_OPS = ["SUM", "AVG", "MAX", "MIN", "PRODUCT"]
+
+# Groups of an 8-rank world, by name: sizes 8, 5, 4, 4, 3, 2 and 1; most are
+# not contiguous or do not start at rank 0. "single" is each rank alone (a
+# real one-member process group), "solo" the SOLO sentinel.
+GROUPS_8 = {
+    "world": None,
+    "five": [1, 2, 4, 6, 7],
+    "evens": [0, 2, 4, 6],
+    "odds": [1, 3, 5, 7],
+    "three": [3, 5, 7],
+    "pair": [6, 3],
+    "single": "single",
+    "solo": "solo",
+}
+GROUPS_3 = {"world": None, "pair": [2, 0], "single": "single", "solo": "solo"}
+GROUPS_4 = {"world": None, "inner": [1, 2], "single": "single", "solo": "solo"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    dtype: str
+    numel: int
+    group: str
+    red: str = "SUM"
+    root: int = 0  # index into the group's ranks
+    noncontig: bool = False
+    async_op: bool = False
+    seg_bytes: int = 1 << 20
+    tree_max: int = 64 << 10
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _values(case: Case, who: int, numel: int) -> torch.Tensor:
+    """Deterministic inputs for rank ``who``: every rank can rebuild every other's."""
+    g = torch.Generator().manual_seed(case.seed * 1009 + who * 7919 + numel)
+    dt = _dtype(case.dtype)
+    if dt.is_floating_point:
+        if case.red == "PRODUCT":
+            x = torch.rand(numel, generator=g, dtype=torch.float64) + 0.5
+        else:
+            x = torch.randn(numel, generator=g, dtype=torch.float64)
+        return x.to(dt)
+    lo, hi = (-2, 3) if case.red == "PRODUCT" else (-50, 50)
+    return torch.randint(lo, hi, (numel,), generator=g, dtype=dt)
+
+
+def _maybe_strided(x: torch.Tensor, noncontig: bool) -> torch.Tensor:
+    """The same values in a tensor that is not contiguous (every other element of a buffer)."""
+    if not noncontig:
+        return x
+    buf = torch.zeros(x.numel(), 2, dtype=x.dtype)
+    view = buf[:, 0]
+    view.copy_(x)
+    return view
+
+
+def _red(name):
+    return getattr(dist.ReduceOp, name)
+
+
+def _tolerances(dtype: torch.dtype, n: int):
+    eps = torch.finfo(dtype).eps
+    return 4 * n * eps, 4 * n * eps
+
+
+def _same(case: Case, n: int, got: torch.Tensor, want: torch.Tensor) -> str | None:
+    got, want = got.reshape(-1), want.reshape(-1)
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    dt = _dtype(case.dtype)
+    exact = not dt.is_floating_point or case.op not in REDUCING or case.red in ("MAX", "MIN")
+    if exact:
+        if not torch.equal(got, want):
+            bad = (got != want).nonzero()[:3].flatten().tolist()
+            return f"not bitwise equal at {bad}: {got[bad].tolist()} vs {want[bad].tolist()}"
+        return None
+    rtol, atol = _tolerances(dt, n)
+    try:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+    except AssertionError as e:
+        return str(e).splitlines()[0:4].__repr__()
+    return None
+
+
+# ---------------------------------------------------------------- one case on one rank
+
+
+def _a2a_matrix(case: Case, n: int) -> list[list[int]]:
+    """rows[i][j]: rows group rank i sends to j (same on every rank; zeros included)."""
+    rng = random.Random(case.seed)
+    return [[rng.choice([0, 0, 1, 2, 3, case.numel % 7 + 1]) for _ in range(n)] for _ in range(n)]
+
+
+def _run_case(comm, case: Case, groups, me_global: int) -> str | None:
+    """Run one case with xtrain and with torch; return a description of any disagreement."""
+    import xtrain.comm.ring as ring
+    import xtrain.comm.tree as tree
+
+    ranks, gx, gt = groups
+    n, me = len(ranks), ranks.index(me_global)
+    ring.SEGMENT_BYTES = case.seg_bytes
+    tree.TREE_MAX_BYTES = case.tree_max
+    dt = _dtype(case.dtype)
+    red = _red(case.red)
+    root = ranks[case.root % n]
+    k = case.numel
+
+    def done(work):
+        if case.async_op:
+            assert work is not None and work.wait()
+        else:
+            assert work is None
+
+    op = case.op
+    if op == "all_reduce":
+        x = _values(case, me_global, k)
+        want = x.clone()
+        dist.all_reduce(want, op=red, group=gt)
+        t = _maybe_strided(x, case.noncontig)
+        done(comm.all_reduce(t, op=red, group=gx, async_op=case.async_op))
+        return _same(case, n, t, want)
+    if op in ("reduce_scatter_tensor", "reduce_scatter_single"):
+        x = _values(case, me_global, k * n)
+        want = torch.empty(k, dtype=dt)
+        dist.reduce_scatter_single(want, x.clone(), op=red, group=gt)
+        out = _maybe_strided(torch.full((k,), 7, dtype=dt), case.noncontig)
+        done(getattr(comm, op)(out, _maybe_strided(x, case.noncontig), op=red, group=gx, async_op=case.async_op))
+        return _same(case, n, out, want)
+    if op == "reduce":
+        x = _values(case, me_global, k)
+        want = x.clone()
+        dist.reduce(want, root, op=red, group=gt)
+        t = _maybe_strided(x.clone(), case.noncontig)
+        done(comm.reduce(t, root, op=red, group=gx, async_op=case.async_op))
+        if me_global == root:
+            return _same(case, n, t, want)
+        return None if torch.equal(t, x) else "non-root input changed"
+    if op in ("all_gather_into_tensor", "all_gather_single"):
+        x = _values(case, me_global, k)
+        want = torch.empty(n * k, dtype=dt)
+        dist.all_gather_into_tensor(want, x, group=gt)
+        out = _maybe_strided(torch.zeros(n * k, dtype=dt), case.noncontig)
+        done(getattr(comm, op)(out, _maybe_strided(x, case.noncontig), group=gx, async_op=case.async_op))
+        return _same(case, n, out, want)
+    if op == "all_gather":
+        x = _values(case, me_global, k)
+        want = [torch.empty(k, dtype=dt) for _ in range(n)]
+        dist.all_gather(want, x, group=gt)
+        outs = [_maybe_strided(torch.zeros(k, dtype=dt), case.noncontig and i % 2 == 0) for i in range(n)]
+        done(comm.all_gather(outs, _maybe_strided(x, case.noncontig), group=gx, async_op=case.async_op))
+        return _same(case, n, torch.cat(outs), torch.cat(want))
+    if op == "broadcast":
+        x = _values(case, me_global, k)
+        want = x.clone()
+        dist.broadcast(want, root, group=gt)
+        t = _maybe_strided(x, case.noncontig)
+        done(comm.broadcast(t, root, group=gx, async_op=case.async_op))
+        return _same(case, n, t, want)
+    if op == "gather":
+        x = _values(case, me_global, k)
+        is_root = me_global == root
+        want = [torch.empty(k, dtype=dt) for _ in range(n)] if is_root else None
+        dist.gather(x, want, dst=root, group=gt)
+        outs = [_maybe_strided(torch.zeros(k, dtype=dt), case.noncontig) for _ in range(n)] if is_root else None
+        done(comm.gather(_maybe_strided(x, case.noncontig), outs, dst=root, group=gx, async_op=case.async_op))
+        return _same(case, n, torch.cat(outs), torch.cat(want)) if is_root else None
+    if op == "scatter":
+        is_root = me_global == root
+        pieces = [_values(case, me_global * 100 + i, k) for i in range(n)] if is_root else None
+        want = torch.empty(k, dtype=dt)
+        dist.scatter(want, pieces, src=root, group=gt)
+        out = _maybe_strided(torch.zeros(k, dtype=dt), case.noncontig)
+        done(comm.scatter(out, pieces, src=root, group=gx, async_op=case.async_op))
+        return _same(case, n, out, want)
+    if op == "all_to_all_single":
+        rows = _a2a_matrix(case, n)
+        in_splits = rows[me]
+        out_splits = [rows[i][me] for i in range(n)]
+        width = 1 + case.numel % 3
+        x = _values(case, me_global, sum(in_splits) * width).view(-1, width)
+        want = torch.empty(sum(out_splits), width, dtype=dt)
+        dist.all_to_all_single(want, x, out_splits, in_splits, group=gt)
+        out = torch.zeros(sum(out_splits), width, dtype=dt)
+        if case.noncontig:
+            out = torch.zeros(width, sum(out_splits), dtype=dt).t()
+            x = x.t().contiguous().t()
+        done(comm.all_to_all_single(out, x, out_splits, in_splits, group=gx, async_op=case.async_op))
+        return _same(case, n, out, want)
+    if op == "all_to_all":
+        rows = _a2a_matrix(case, n)
+        ins = [_values(case, me_global * 100 + j, rows[me][j]) for j in range(n)]
+        if case.seed % 2:
+            # gloo's list all_to_all needs equal sizes: compare uneven ones with the inputs themselves
+            want = [_values(case, ranks[i] * 100 + me, rows[i][me]) for i in range(n)]
+        else:
+            rows = [[k % 5] * n for _ in range(n)]
+            ins = [_values(case, me_global * 100 + j, rows[me][j]) for j in range(n)]
+            want = [torch.empty(rows[i][me], dtype=dt) for i in range(n)]
+            dist.all_to_all(want, ins, group=gt)
+        outs = [_maybe_strided(torch.zeros(rows[i][me], dtype=dt), case.noncontig) for i in range(n)]
+        done(comm.all_to_all(outs, [_maybe_strided(t, case.noncontig) for t in ins], group=gx, async_op=case.async_op))
+        return _same(case, n, torch.cat(outs), torch.cat(want))
+    if op == "barrier":
+        done(comm.barrier(group=gx, async_op=case.async_op))
+        return None
+    if op == "send_recv":
+        if n == 1:
+            return None
+        # a ring of point-to-point messages: even group ranks send first, odd ones receive first
+        x = _values(case, me_global, k)
+        got = torch.zeros(k, dtype=dt)
+        nxt, prv = ranks[(me + 1) % n], ranks[(me - 1) % n]
+        pg = gx if gx is not None and gx is not SOLO else None
+        if me % 2 == 0:
+            comm.send(x, nxt, group=pg, tag=3)
+            sender = comm.recv(got, prv, group=pg, tag=3)
+        else:
+            sender = comm.recv(got, prv, group=pg, tag=3)
+            comm.send(x, nxt, group=pg, tag=3)
+        if sender != prv:
+            return f"recv returned sender {sender}, expected {prv}"
+        return _same(case, n, got, _values(case, prv, k))
+    raise AssertionError(op)
+
+
+def _make_groups(world: int, rank: int, spec: dict):
+    """Every rank creates every group in the same order; returns name -> (ranks, xtrain group, torch group)."""
+    made = {}
+    singles = [dist.new_group([r]) for r in range(world)]
+    for name, members in spec.items():
+        if members is None:
+            made[name] = (list(range(world)), None, None)
+        elif members == "single":
+            made[name] = ([rank], singles[rank], singles[rank])
+        elif members == "solo":
+            made[name] = ([rank], SOLO, singles[rank])
+        else:
+            g = dist.new_group(sorted(members))
+            label_group(g, name)
+            made[name] = (sorted(members), g, g)
+    return made
+
+
+def _cases_worker(rank: int, world: int, spec: dict, cases: list[Case]):
+    import warnings
+
+    warnings.simplefilter("ignore", FutureWarning)  # torch's reference calls use the older names
+    comm = get_comm("xtrain")
+    groups = _make_groups(world, rank, spec)
+    failures = []
+    for case in cases:
+        ranks = groups[case.group][0]
+        if rank not in ranks:
+            continue
+        try:
+            problem = _run_case(comm, case, groups[case.group], rank)
+        except Exception as e:  # noqa: BLE001 - report it; peers may hang, the pg timeout bounds that
+            problem = f"raised {type(e).__name__}: {e}"
+            failures.append((case, problem))
+            break
+        if problem:
+            failures.append((case, problem))
+    return failures
+
+
+def _check(world: int, spec: dict, cases: list[Case], timeout: float = 240):
+    results = run_on_ranks(_cases_worker, world, spec, cases, timeout=timeout, pg_timeout=30)
+    failures = [(r, c, p) for r, fs in enumerate(results) for c, p in fs]
+    assert not failures, "\n".join(f"rank {r}: {c}: {p}" for r, c, p in failures[:20])
+
+
+# ---------------------------------------------------------------- case lists
+
+
+def _matrix_cases(groups, lengths=(13, 1001)) -> list[Case]:
+    """Every op x every dtype x awkward lengths, on the given groups."""
+    cases, seed = [], 0
+    for group in groups:
+        for op in OPS:
+            for dtype in DTYPES:
+                for numel in lengths:
+                    seed += 1
+                    red = RED_OPS[seed % len(RED_OPS)] if op in REDUCING else "SUM"
+                    if red == "AVG" and "float" not in dtype:
+                        red = "SUM"
+                    cases.append(
+                        Case(
+                            op, dtype, numel, group, red=red, root=seed, noncontig=seed % 3 == 0,
+                            async_op=seed % 4 == 1, seg_bytes=64 if numel > 100 else 1 << 20,
+                            tree_max=0 if seed % 2 else 64 << 10, seed=seed,
+                        )
+                    )
+    return cases
+
+
+def _every_op_every_group(groups) -> list[Case]:
+    """Each op and reduce op on each group, deep-pipelined, at a length not divisible by the group size."""
+    cases, seed = [], 10_000
+    for group in groups:
+        for op in OPS:
+            for red in RED_OPS if op in REDUCING else ["SUM"]:
+                seed += 1
+                cases.append(Case(op, "float32", 37, group, red=red, root=seed, seg_bytes=16, tree_max=0, seed=seed))
+    return cases
+
+
+def _case_strategy(groups):
+    float_dtypes = [d for d in DTYPES if "float" in d]
+
+    @st.composite
+    def case(draw):
+        op = draw(st.sampled_from(OPS))
+        dtype = draw(st.sampled_from(DTYPES))
+        reds = RED_OPS if dtype in float_dtypes else [r for r in RED_OPS if r != "AVG"]
+        return Case(
+            op=op,
+            dtype=dtype,
+            numel=draw(st.one_of(st.integers(0, 9), st.integers(0, 3000))),
+            group=draw(st.sampled_from(groups)),
+            red=draw(st.sampled_from(reds)) if op in REDUCING else "SUM",
+            root=draw(st.integers(0, 7)),
+            noncontig=draw(st.booleans()),
+            async_op=draw(st.booleans()),
+            seg_bytes=draw(st.sampled_from([8, 100, 4096, 1 << 20])),
+            tree_max=draw(st.sampled_from([0, 64 << 10])),
+            seed=draw(st.integers(0, 2**31 - 1)),
+        )
+
+    return case()
+
+
+def _drawn_cases(groups, count: int) -> list[Case]:
+    """``count`` hypothesis-drawn cases, the same list on every run."""
+    out: list[Case] = []
+
+    @settings(max_examples=count, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(_case_strategy(groups))
+    def collect(case):
+        out.append(case)
+
+    collect()
+    return out[:count]
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.timeout(300)
+def test_every_collective_matches_torch_on_8_ranks():
+    """Group sizes 8, 5, 4, 3, 2, 1 (real and SOLO) in one 8-rank world."""
+    names = list(GROUPS_8)
+    cases = _every_op_every_group(names) + _matrix_cases(["five"], lengths=(1001,)) + _drawn_cases(names, 60)
+    _check(8, GROUPS_8, cases)
+
+
+@pytest.mark.timeout(200)
+def test_every_collective_matches_torch_on_3_ranks():
+    """An odd world, group=None (torch's WORLD), a subgroup listed out of order, size 1."""
+    names = list(GROUPS_3)
+    cases = _every_op_every_group(names) + _matrix_cases(["world", "pair"]) + _drawn_cases(names, 150)
+    _check(3, GROUPS_3, cases)
+
+
+@pytest.mark.timeout(200)
+def test_large_tensors_pipeline_on_4_ranks():
+    """MB-sized ragged tensors spanning many segments, each dtype, default tree/chain switch."""
+    cases = []
+    for i, dtype in enumerate(DTYPES):
+        for op in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "reduce", "all_to_all_single"):
+            numel = (1 << 20) // _dtype(dtype).itemsize + 5  # ~1 MB, not divisible by 4
+            red = "MAX" if "int" in dtype else "SUM"
+            cases.append(
+                Case(op, dtype, numel, "world", red=red, root=i, noncontig=i == 1, async_op=i == 2,
+                     seg_bytes=64 << 10, seed=i)
+            )
+    _check(4, GROUPS_4, cases)
+
+
+# ---- concurrency, failure
+
+
+def _two_async_groups_worker(rank: int, world: int):
+    comm = get_comm("xtrain")
+    evens, odds = dist.new_group([0, 2]), dist.new_group([1, 3])
+    label_group(evens, "evens")
+    label_group(odds, "odds")
+    world_g, mine = None, evens if rank % 2 == 0 else odds
+    out = []
+    for length in (5, 100_003):
+        a = torch.full((length,), float(rank + 1))
+        b = torch.arange(length, dtype=torch.float64) * (rank + 1)
+        # two collectives in flight at once: one on the rank's pair group, one on the world,
+        # issued in opposite orders on even and odd ranks' partners is not allowed by torch
+        # semantics, so issue both, then wait in opposite orders
+        w1 = comm.all_reduce(a, group=mine, async_op=True)
+        w2 = comm.all_gather_into_tensor(torch.empty(world * length, dtype=torch.float64), b, group=world_g, async_op=True)
+        g_out = torch.empty(world * length, dtype=torch.float64)
+        w3 = comm.all_gather_into_tensor(g_out, b, group=world_g, async_op=True)
+        for w in ([w3, w2, w1] if rank % 2 else [w1, w2, w3]):
+            w.wait()
+        partner_sum = (1 + 3) if rank % 2 == 0 else (2 + 4)
+        out.append(bool(torch.all(a == partner_sum)))
+        want = torch.cat([torch.arange(length, dtype=torch.float64) * (r + 1) for r in range(world)])
+        out.append(bool(torch.equal(g_out, want)))
+    return out
+
+
+def test_two_async_collectives_on_different_groups_complete():
+    results = run_on_ranks(_two_async_groups_worker, 4, timeout=120, pg_timeout=20)
+    assert all(all(r) for r in results), results
+
+
+def _absent_rank_worker(rank: int, world: int, pg_timeout: float):
+    """Rank 2 is alive but never joins; ranks 0 and 1 must fail, not hang."""
+    comm = get_comm("xtrain")
+    tp, ep = dist.new_group([0, 1, 2]), dist.new_group([0, 1, 2])
+    label_group(tp, "tp")
+    label_group(ep, "ep")
+    if rank == 2:
+        time.sleep(pg_timeout * 4)
+        return None
+    out = []
+    for name, call in (
+        ("all_reduce", lambda: comm.all_reduce(torch.ones(1000), group=tp)),
+        ("all_to_all", lambda: comm.all_to_all_single(torch.empty(3), torch.ones(3), group=ep, async_op=True).wait()),
+    ):
+        t0 = time.perf_counter()
+        try:
+            call()
+            out.append((name, "no error", "", time.perf_counter() - t0))
+        except (CollectiveTimeout, CommError) as e:
+            out.append((name, type(e).__name__, str(e), time.perf_counter() - t0))
+    return out
+
+
+def test_absent_rank_fails_within_timeout_naming_op_and_group():
+    pg_timeout = 2.0
+    results = run_on_ranks(_absent_rank_worker, 3, pg_timeout, timeout=60, pg_timeout=pg_timeout)
+    for op, group in (("all_reduce", "tp"), ("all_to_all", "ep")):
+        kinds = []
+        for rank in (0, 1):
+            name, kind, msg, seconds = next(r for r in results[rank] if r[0] == op)
+            kinds.append(kind)
+            assert kind in ("CollectiveTimeout", "CommError"), (rank, op, kind)
+            assert f"{op} on group '{group}'" in msg, msg
+            assert seconds < 2 * pg_timeout + 1, (rank, op, seconds)
+        assert "CollectiveTimeout" in kinds, results
+
+
+# ---- single-process behaviour (no process group)
+
+
+def test_solo_group_collectives_are_local_copies():
+    comm = get_comm("xtrain")
+    x = torch.arange(6.0)
+    comm.all_reduce(x, group=SOLO)
+    assert torch.equal(x, torch.arange(6.0))
+    out = torch.empty(6)
+    comm.reduce_scatter_tensor(out, torch.arange(6.0), group=SOLO)
+    assert torch.equal(out, torch.arange(6.0))
+    out2 = torch.empty(6)
+    w = comm.all_gather_into_tensor(out2, torch.arange(6.0), group=SOLO, async_op=True)
+    assert w.wait() and torch.equal(out2, torch.arange(6.0))
+    lst = [torch.empty(2)]
+    comm.all_to_all(lst, [torch.ones(2)], group=SOLO)
+    assert torch.equal(lst[0], torch.ones(2))
+    rows = comm.ledger.summary_rows()
+    assert {r[0] for r in rows} == {"all_reduce", "reduce_scatter", "all_gather", "all_to_all"}
+    assert all(r[3] == 0 and r[4] == 0 for r in rows)  # nothing on the wire
+
+
+def test_integer_avg_is_refused_like_gloo():
+    comm = get_comm("xtrain")
+    with pytest.raises(TypeError, match="AVG"):
+        comm.all_reduce(torch.ones(3, dtype=torch.int32), op=dist.ReduceOp.AVG, group=SOLO)
+
+
+def test_tree_shape():
+    from xtrain.comm.tree import tree_children, tree_parent, tree_rounds
+
+    for n in range(1, 17):
+        reached = {0}
+        for v in range(n):
+            for c in tree_children(v, n):
+                assert tree_parent(c) == v and c < n
+                reached.add(c)
+        assert reached == set(range(n))
+        assert len(tree_children(0, n)) == tree_rounds(n)

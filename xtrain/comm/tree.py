@@ -1,0 +1,129 @@
+"""Rooted collectives: broadcast and reduce, by binomial tree or pipelined chain.
+
+Small messages are latency-bound, so they take the binomial tree (MPICH's
+choice for short broadcasts and reductions; Thakur, Rabenseifner & Gropp,
+"Optimization of collective communication operations in MPICH", IJHPCA
+2005): in round i, every rank that already has the data sends it to the rank
+2^i places further on (relative to the root), so all n ranks have it after
+ceil(log2 n) rounds. Cost: ceil(log2 n)(alpha + S beta).
+
+Large messages are bandwidth-bound, so they take a pipelined chain root ->
+root+1 -> ... -> root+n-1 with the message cut into m segments: each rank
+forwards segment j as soon as it has it, and the time approaches one
+message transfer. Cost: (n - 2 + m)(alpha + S/m beta). Each rank but the
+last sends S bytes and each but the root receives S. Reduce runs the same
+shapes backwards, combining on the way in (the root receives, non-roots send
+their partial result).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xtrain.comm import reduce_ops
+from xtrain.comm.p2p import Channel
+from xtrain.comm.ring import segment_count
+
+# Messages up to this size take the binomial tree; larger ones the chain.
+TREE_MAX_BYTES = 64 << 10
+
+
+def use_tree(nbytes: int, n: int) -> bool:
+    return nbytes <= TREE_MAX_BYTES or n <= 2
+
+
+def tree_rounds(n: int) -> int:
+    return math.ceil(math.log2(n)) if n > 1 else 0
+
+
+def tree_children(v: int, n: int) -> list[int]:
+    """Relative ranks that relative rank ``v`` sends to in a binomial broadcast, in round order."""
+    low = v & -v if v else 1 << tree_rounds(n)  # v's lowest set bit bounds its subtree
+    kids, mask = [], 1
+    while mask < low:
+        if v + mask < n:
+            kids.append(v + mask)
+        mask <<= 1
+    return kids[::-1]  # the biggest subtree first
+
+
+def tree_parent(v: int) -> int:
+    return v - (v & -v)
+
+
+def broadcast_tree(ch: Channel, flat: torch.Tensor, root: int) -> None:
+    n = ch.size
+    v = (ch.rank - root) % n
+    if v:
+        ch.wait(ch.irecv(flat, (tree_parent(v) + root) % n))
+    ch.wait_all(ch.exchange(sends=[(flat, (c + root) % n) for c in tree_children(v, n)]))
+
+
+def broadcast_chain(ch: Channel, flat: torch.Tensor, root: int) -> None:
+    n = ch.size
+    pos = (ch.rank - root) % n
+    segs = list(flat.tensor_split(segment_count(flat.numel(), flat.element_size())))
+    nxt, prv = (ch.rank + 1) % n, (ch.rank - 1) % n
+    if pos == 0:
+        ch.wait_all(ch.exchange(sends=[(s, nxt) for s in segs]))
+        return
+    recvs = ch.exchange(recvs=[(s, prv) for s in segs])
+    sends = []
+    for s, w in zip(segs, recvs):
+        ch.wait(w)
+        if pos < n - 1:
+            sends.append(ch.isend(s, nxt))
+    ch.wait_all(sends)
+
+
+def broadcast(ch: Channel, flat: torch.Tensor, root: int) -> None:
+    """``flat`` on group rank ``root`` to every rank of ``ch``."""
+    if ch.size == 1:
+        return
+    nbytes = flat.numel() * flat.element_size()
+    (broadcast_tree if use_tree(nbytes, ch.size) else broadcast_chain)(ch, flat, root)
+
+
+def reduce_tree(ch: Channel, flat: torch.Tensor, root: int, op) -> None:
+    n = ch.size
+    v = (ch.rank - root) % n
+    acc = flat if v == 0 else flat.clone()  # non-roots keep their input untouched
+    tmp = torch.empty_like(flat)
+    for c in reversed(tree_children(v, n)):  # smallest subtree finishes first
+        ch.wait(ch.irecv(tmp, (c + root) % n))
+        reduce_ops.combine(op, acc, acc, tmp)
+    if v:
+        ch.wait(ch.isend(acc, (tree_parent(v) + root) % n))
+
+
+def reduce_chain(ch: Channel, flat: torch.Tensor, root: int, op) -> None:
+    n = ch.size
+    pos = (ch.rank - root) % n
+    m = segment_count(flat.numel(), flat.element_size())
+    mine = list(flat.tensor_split(m))
+    toward_root, away = (ch.rank - 1) % n, (ch.rank + 1) % n
+    if pos == n - 1:  # the far end starts the chain with its own data
+        ch.wait_all(ch.exchange(sends=[(s, toward_root) for s in mine]))
+        return
+    got = list(torch.empty_like(flat).tensor_split(m))
+    recvs = ch.exchange(recvs=[(g, away) for g in got])
+    sends = []
+    for g, s, w in zip(got, mine, recvs):
+        ch.wait(w)
+        if pos == 0:
+            reduce_ops.combine(op, s, s, g)
+        else:
+            reduce_ops.combine(op, g, g, s)
+            sends.append(ch.isend(g, toward_root))
+    ch.wait_all(sends)
+
+
+def reduce(ch: Channel, flat: torch.Tensor, root: int, op) -> None:
+    """Reduce every rank's ``flat`` into ``flat`` on group rank ``root``."""
+    if ch.size > 1:
+        nbytes = flat.numel() * flat.element_size()
+        (reduce_tree if use_tree(nbytes, ch.size) else reduce_chain)(ch, flat, root, op)
+    if ch.rank == root:
+        reduce_ops.finish(op, flat, ch.size)

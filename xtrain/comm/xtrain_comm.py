@@ -1,0 +1,309 @@
+"""``comm=xtrain``: torch.distributed's collectives, written by hand over point-to-point messages.
+
+Signatures and semantics follow torch.distributed (argument names, in-place
+results, ``group`` with ``None`` for the world, global ``src``/``dst``
+ranks, ``async_op=True`` returning a handle with ``wait()``). The algorithms
+live in ``ring`` (all-reduce, reduce-scatter, all-gather), ``tree``
+(broadcast, reduce), and ``direct`` (gather, scatter, all-to-all, barrier);
+they only ever call ``isend``/``irecv`` (via ``batch_isend_irecv``) on tensors
+on the input's device, so the same code runs on gloo and NCCL.
+
+Inputs that are not contiguous are copied to contiguous buffers and the
+results copied back, so any strided tensor works (torch's backends refuse
+most of them).
+
+Async: an ``async_op=True`` collective runs its algorithm on a background
+thread started at issue, and ``wait()`` joins it. Its messages carry a tag
+drawn at issue (see ``p2p``), so two collectives in flight at once, on
+different groups or the same one, progress independently and never match
+each other's messages. Synchronous collectives run on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ReduceOp
+
+from xtrain.comm import direct, reduce_ops, ring, tree
+from xtrain.comm.base import Comm, Work, guarded, nbytes
+from xtrain.comm.groups import SOLO, group_size
+from datetime import timedelta
+
+from xtrain.comm.p2p import Channel, default_timeout
+
+
+def _noop():
+    return None
+
+
+def _contiguous_buffer(t: torch.Tensor, keep_values: bool = True) -> torch.Tensor:
+    """``t`` itself when contiguous, else a contiguous copy (or empty twin) to work in."""
+    if t.is_contiguous():
+        return t
+    return t.contiguous() if keep_values else torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _write_back(dst: torch.Tensor, buf: torch.Tensor) -> None:
+    if buf is not dst:
+        dst.copy_(buf)
+
+
+def _in_background(body, device: torch.device):
+    """Start ``body()`` on a thread; return the callable that joins it and re-raises its error."""
+    box: dict[str, BaseException] = {}
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+    def target():
+        try:
+            with torch.no_grad():
+                if stream is None:
+                    body()
+                else:  # keep the caller's stream order: its writes before, its reads after
+                    torch.cuda.set_device(device)
+                    with torch.cuda.stream(stream):
+                        body()
+        except BaseException as e:  # noqa: BLE001 - handed to wait()
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="xtrain-comm", daemon=True)
+    thread.start()
+
+    def finish():
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+
+    return finish
+
+
+class XtrainComm(Comm):
+    """The hand-written collectives.
+
+    ``timeout`` (seconds) bounds every wait inside a collective; by default
+    it is the world process group's timeout, so a collective whose peer never
+    arrives raises ``CollectiveTimeout`` naming the op and the group within
+    that time, even on subgroups that torch gave a 30-minute default.
+    """
+
+    name = "xtrain"
+
+    def __init__(self, ledger=None, timeout: float | None = None):
+        super().__init__(ledger)
+        self.timeout = timeout
+
+    def _wait_limit(self) -> timedelta | None:
+        if self.timeout is not None:
+            return timedelta(seconds=self.timeout)
+        return default_timeout() if dist.is_initialized() else None
+
+    def _launch(self, op: str, group, body, async_op: bool, device: torch.device | None = None):
+        """Run ``body(channel)`` now or on a background thread; record measured bytes and time."""
+        with guarded(op, group):
+            ch = Channel(group, self._wait_limit())  # draws the tag on the caller's thread, in issue order
+
+        def run():
+            if async_op:
+                return _in_background(lambda: body(ch), device or torch.device("cpu"))
+            with torch.no_grad():
+                body(ch)
+            return _noop
+
+        return self._timed(op, group, 0, 0, run, async_op, traffic=ch)
+
+    # ---- reductions ---------------------------------------------------------------
+
+    def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False):
+        reduce_ops.check(op, tensor.dtype)
+
+        def body(ch):
+            buf = _contiguous_buffer(tensor)
+            ring.all_reduce(ch, buf.view(-1), op)
+            _write_back(tensor, buf)
+
+        return self._launch("all_reduce", group, body, async_op, tensor.device)
+
+    def reduce_scatter_tensor(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
+        reduce_ops.check(op, input.dtype)
+        n = group_size(group)
+        if input.numel() != n * output.numel():
+            raise ValueError(
+                f"reduce_scatter_tensor: input has {input.numel()} elements, expected group size {n} x "
+                f"output's {output.numel()}"
+            )
+
+        def body(ch):
+            out = _contiguous_buffer(output, keep_values=False)
+            ring.reduce_scatter(ch, out.view(-1), input.contiguous().view(-1), op)
+            _write_back(output, out)
+
+        return self._launch("reduce_scatter", group, body, async_op, input.device)
+
+    def reduce(self, tensor, dst, op=ReduceOp.SUM, group=None, async_op=False):
+        reduce_ops.check(op, tensor.dtype)
+
+        def body(ch):
+            root = ch.group_rank_of(dst)
+            buf = _contiguous_buffer(tensor)
+            tree.reduce(ch, buf.view(-1), root, op)
+            if ch.rank == root:
+                _write_back(tensor, buf)
+
+        return self._launch("reduce", group, body, async_op, tensor.device)
+
+    # ---- gathers and broadcast ---------------------------------------------------
+
+    def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
+        n = group_size(group)
+        if output_tensor.numel() != n * input_tensor.numel():
+            raise ValueError(
+                f"all_gather_into_tensor: output has {output_tensor.numel()} elements, expected group size {n} x "
+                f"input's {input_tensor.numel()}"
+            )
+
+        def body(ch):
+            out = _contiguous_buffer(output_tensor, keep_values=False)
+            chunks = list(out.view(-1).tensor_split(ch.size))
+            _place(chunks[ch.rank], input_tensor)
+            ring.all_gather(ch, chunks)
+            _write_back(output_tensor, out)
+
+        return self._launch("all_gather", group, body, async_op, input_tensor.device)
+
+    def all_gather(self, tensor_list, tensor, group=None, async_op=False):
+        n = group_size(group)
+        if len(tensor_list) != n or any(t.numel() != tensor.numel() for t in tensor_list):
+            raise ValueError(f"all_gather: need {n} output tensors of {tensor.numel()} elements each")
+
+        def body(ch):
+            bufs = [_contiguous_buffer(t, keep_values=False) for t in tensor_list]
+            _place(bufs[ch.rank].view(-1), tensor)
+            ring.all_gather(ch, [b.view(-1) for b in bufs])
+            for t, b in zip(tensor_list, bufs):
+                _write_back(t, b)
+
+        return self._launch("all_gather", group, body, async_op, tensor.device)
+
+    def broadcast(self, tensor, src, group=None, async_op=False):
+        def body(ch):
+            root = ch.group_rank_of(src)
+            buf = _contiguous_buffer(tensor, keep_values=ch.rank == root)
+            tree.broadcast(ch, buf.view(-1), root)
+            _write_back(tensor, buf)
+
+        return self._launch("broadcast", group, body, async_op, tensor.device)
+
+    def gather(self, tensor, gather_list=None, dst=0, group=None, async_op=False):
+        def body(ch):
+            root = ch.group_rank_of(dst)
+            piece = tensor.contiguous().view(-1)
+            if ch.rank != root:
+                direct.gather(ch, piece, None, root)
+                return
+            _check_list("gather", gather_list, ch.size, tensor.numel())
+            bufs = [_contiguous_buffer(t, keep_values=False) for t in gather_list]
+            direct.gather(ch, piece, [b.view(-1) for b in bufs], root)
+            for t, b in zip(gather_list, bufs):
+                _write_back(t, b)
+
+        return self._launch("gather", group, body, async_op, tensor.device)
+
+    def scatter(self, tensor, scatter_list=None, src=0, group=None, async_op=False):
+        def body(ch):
+            root = ch.group_rank_of(src)
+            buf = _contiguous_buffer(tensor, keep_values=False)
+            pieces = None
+            if ch.rank == root:
+                _check_list("scatter", scatter_list, ch.size, tensor.numel())
+                pieces = [t.contiguous().view(-1) for t in scatter_list]
+            direct.scatter(ch, buf.view(-1), pieces, root)
+            _write_back(tensor, buf)
+
+        return self._launch("scatter", group, body, async_op, tensor.device)
+
+    # ---- all-to-all --------------------------------------------------------------
+
+    def all_to_all_single(
+        self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
+        n = group_size(group)
+        in_splits = _splits("input", input, input_split_sizes, n)
+        out_splits = _splits("output", output, output_split_sizes, n)
+
+        def body(ch):
+            src = input.contiguous()
+            out = _contiguous_buffer(output, keep_values=False)
+            ins = [p.reshape(-1) for p in src.split(in_splits, dim=0)] if src.dim() else [src.view(-1)]
+            outs = [p.view(-1) for p in out.split(out_splits, dim=0)] if out.dim() else [out.view(-1)]
+            direct.all_to_all(ch, outs, ins)
+            _write_back(output, out)
+
+        return self._launch("all_to_all", group, body, async_op, input.device)
+
+    def all_to_all(self, output_tensor_list, input_tensor_list, group=None, async_op=False):
+        n = group_size(group)
+        if len(output_tensor_list) != n or len(input_tensor_list) != n:
+            raise ValueError(f"all_to_all: need {n} input and {n} output tensors")
+
+        def body(ch):
+            bufs = [_contiguous_buffer(t, keep_values=False) for t in output_tensor_list]
+            ins = [t.contiguous().view(-1) for t in input_tensor_list]
+            direct.all_to_all(ch, [b.view(-1) for b in bufs], ins)
+            for t, b in zip(output_tensor_list, bufs):
+                _write_back(t, b)
+
+        return self._launch("all_to_all", group, body, async_op, input_tensor_list[0].device)
+
+    # ---- synchronisation and point-to-point ----------------------------------------
+
+    def barrier(self, group=None, async_op=False):
+        return self._launch("barrier", group, direct.barrier, async_op)
+
+    def isend(self, tensor, dst, group=None, tag=0):
+        pg = None if group is SOLO else group
+        return self._timed("send", group, nbytes(tensor), 0, lambda: dist.isend(tensor, dst, group=pg, tag=tag).wait, True)
+
+    def irecv(self, tensor, src=None, group=None, tag=0):
+        pg = None if group is SOLO else group
+        return self._timed("recv", group, 0, nbytes(tensor), lambda: dist.irecv(tensor, src, group=pg, tag=tag).wait, True)
+
+    def send(self, tensor, dst, group=None, tag=0):
+        self.isend(tensor, dst, group, tag).wait()
+
+    def recv(self, tensor, src=None, group=None, tag=0):
+        """Blocking receive; returns the sender's global rank (any sender when ``src`` is None)."""
+        pg = None if group is SOLO else group
+        sender = []
+        self._timed(
+            "recv", group, 0, nbytes(tensor), lambda: (sender.append(dist.recv(tensor, src, group=pg, tag=tag)), _noop)[1], False
+        )
+        return sender[0]
+
+
+def _place(dst_flat: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy this rank's piece into its slot of the output, unless it already lives there."""
+    if dst_flat.numel() and dst_flat.data_ptr() == src.data_ptr() and src.is_contiguous():
+        return
+    dst_flat.copy_(src.reshape(-1))
+
+
+def _check_list(op: str, tensors, n: int, numel: int) -> None:
+    if tensors is None or len(tensors) != n or any(t.numel() != numel for t in tensors):
+        raise ValueError(f"{op}: the root needs a list of {n} tensors of {numel} elements each")
+
+
+def _splits(name: str, t: torch.Tensor, sizes, n: int) -> list[int]:
+    rows = t.shape[0] if t.dim() else 1
+    if sizes is None or len(sizes) == 0:
+        if rows % n:
+            raise ValueError(f"all_to_all_single: {name} has {rows} rows, not divisible by group size {n}")
+        return [rows // n] * n
+    sizes = [int(s) for s in sizes]
+    if len(sizes) != n or sum(sizes) != rows:
+        raise ValueError(f"all_to_all_single: {name}_split_sizes {sizes} must have {n} entries summing to {rows}")
+    return sizes
+
+
+__all__ = ["XtrainComm", "Work"]
