@@ -32,6 +32,9 @@ class ConfigError(ValueError):
         self.problems = problems
         super().__init__("\n".join(f"  - {p}" for p in problems))
 
+    def __reduce__(self):  # pickles whole across processes (Ray, the spawn harness)
+        return (type(self), (self.problems,))
+
 
 def config_search_path() -> str:
     """The configs/ folder of a checkout or editable install, else the packaged copy."""

@@ -36,6 +36,7 @@ def human_bytes(n: float) -> str:
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg, rank: int, start_step: int, console: Console | None = None):
         self.rank, self.cfg = rank, cfg
+        self.total_steps = int(cfg.train.steps)  # read once: config access is slow on the hot path
         self.active = rank == 0
         self.log_every = max(int(cfg.train.log_every), 1)
         self.console = console or Console(soft_wrap=True)
@@ -78,7 +79,7 @@ class MetricsLogger:
             line += f"  val {record['val_loss']:.4f}"
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=f"loss {record['loss']:.4f}")
-        if step % self.log_every == 0 or step == self.cfg.train.steps or "val_loss" in record:
+        if step % self.log_every == 0 or step == self.total_steps or "val_loss" in record:
             self.console.print(line)
 
     def close(self, ledger_rows=()) -> None:

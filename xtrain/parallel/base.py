@@ -115,16 +115,15 @@ class Strategy:
         summed locally, reduced over the shard group, and every rank applies the
         same scale min(1, max_norm / (norm + 1e-6)) (as torch's clip_grad_norm_)."""
         grads = self.local_grads(model)
-        if grads:
-            norm_sq = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+        if grads:  # one fused kernel per dtype, as torch's clip_grad_norm_
+            norm_sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
         else:
             norm_sq = torch.zeros((), device=next(model.parameters()).device)
         self.comm.all_reduce(norm_sq, op=ReduceOp.SUM, group=self.grad_norm_group())
         norm = norm_sq.sqrt()
-        if max_norm and max_norm > 0:
+        if max_norm and max_norm > 0 and grads:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for g in grads:
-                g.mul_(scale.to(g.dtype))
+            torch._foreach_mul_(grads, scale.to(grads[0].dtype))
         return norm
 
     # -- optimizer ------------------------------------------------------------
