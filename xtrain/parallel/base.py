@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from xtrain.checkpoint import OPTIM_KEYS, optim_to_flat_dict
-from xtrain.comm import Comm, ReduceOp
+from xtrain.comm import SOLO, Comm, ReduceOp
 from xtrain.mesh import Mesh
 from xtrain.optim import build_optimizer
 
@@ -101,8 +101,6 @@ class Strategy:
 
     def grad_norm_group(self):
         """Group over which gradient shards are partitioned (SOLO: grads are whole here)."""
-        from xtrain.comm import SOLO
-
         return SOLO
 
     def local_grads(self, model: nn.Module) -> list[torch.Tensor]:
@@ -119,7 +117,9 @@ class Strategy:
             norm_sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
         else:
             norm_sq = torch.zeros((), device=next(model.parameters()).device)
-        self.comm.all_reduce(norm_sq, op=ReduceOp.SUM, group=self.grad_norm_group())
+        group = self.grad_norm_group()
+        if group is not SOLO:  # whole gradients on this rank: nothing to add up
+            self.comm.all_reduce(norm_sq, op=ReduceOp.SUM, group=group)
         norm = norm_sq.sqrt()
         if max_norm and max_norm > 0 and grads:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
