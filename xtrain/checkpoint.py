@@ -82,9 +82,16 @@ def optim_from_flat_dict(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, t
 
 
 def unflatten_groups(manifest: dict, shard_files: dict[str, dict[str, torch.Tensor]]):
-    """Rebuild full named tensors from every rank's slices of every flat group."""
-    params, optim = {}, {}
+    """Rebuild full named tensors from every rank's slices of every flat group.
+
+    Groups named ``tp{t}/...`` hold tensor-parallel rank t's local tensors;
+    those listed in ``tp_shards`` are then joined along their tp dimension
+    (and trimmed of padding), the rest are replicas and taken from tp rank 0.
+    """
+    per_tp: dict[int, tuple[dict, dict]] = {}
     for gname, g in manifest["groups"].items():
+        t = int(gname[2 : gname.index("/")]) if gname.startswith("tp") and "/" in gname else 0
+        params, optim = per_tp.setdefault(t, ({}, {}))
         pieces = [shard_files[f] for f in g["files"]]
         for key in ("param", "exp_avg", "exp_avg_sq"):
             if f"{gname}/{key}" not in pieces[0]:
@@ -92,15 +99,25 @@ def unflatten_groups(manifest: dict, shard_files: dict[str, dict[str, torch.Tens
             flat = torch.cat([p[f"{gname}/{key}"] for p in pieces])
             for name, shape, offset in zip(g["names"], g["shapes"], g["offsets"]):
                 numel = int(np.prod(shape)) if shape else 1
-                t = flat[offset : offset + numel].view(shape).clone()
+                tensor = flat[offset : offset + numel].view(shape).clone()
                 if key == "param":
-                    params[name] = t
+                    params[name] = tensor
                 else:
-                    optim.setdefault(name, {})[key] = t
+                    optim.setdefault(name, {})[key] = tensor
         step = pieces[0].get(f"{gname}/step")
         if step is not None:
             for name in g["names"]:
-                optim.setdefault(name, {})["step"] = step.clone()
+                optim.setdefault(name, {})["step"] = step.reshape(()).clone()
+    params, optim = per_tp[0]
+    for name, spec in manifest.get("tp_shards", {}).items():
+        def join(get):
+            full = torch.cat([get(per_tp[t]) for t in sorted(per_tp)], dim=spec["dim"])
+            return full.narrow(spec["dim"], 0, spec["full_size"]).clone()
+
+        params[name] = join(lambda pt: pt[0][name])
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in optim.get(name, {}):
+                optim[name][key] = join(lambda pt: pt[1][name][key])
     return params, optim
 
 

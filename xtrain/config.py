@@ -153,6 +153,13 @@ def check_config(cfg: DictConfig, world_size: int, data_vocab: int | None = None
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"dp*micro_batches = {dp}*{t.micro_batches} = {dp * t.micro_batches}"
             )
+    sp = bool(cfg.strategy.get("sp", False))
+    if degrees is not None and mcfg is not None and (degrees["tp"] > 1 or sp):
+        from xtrain.parallel.tensor import check_tensor_parallel
+
+        if sp and degrees["tp"] == 1:
+            problems.append("strategy.sp=true (sequence parallel) needs strategy.tp > 1")
+        problems += check_tensor_parallel(mcfg, degrees["tp"], sp, t.seq_len)
     if data_vocab is not None and mcfg is not None and data_vocab > mcfg.vocab_size:
         problems.append(f"the data has {data_vocab} token ids but model.vocab_size={mcfg.vocab_size}")
     if not t.lr > 0:

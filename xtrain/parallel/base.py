@@ -26,6 +26,13 @@ from xtrain.checkpoint import OPTIM_KEYS, optim_to_flat_dict
 from xtrain.comm import SOLO, Comm, ReduceOp
 from xtrain.mesh import Mesh
 from xtrain.optim import build_optimizer
+from xtrain.parallel.tensor import (
+    apply_tensor_parallel,
+    gather_tp_tensor,
+    shard_full_tensor,
+    tp_grads_for_norm,
+    tp_shard_spec,
+)
 
 
 class Strategy:
@@ -37,6 +44,7 @@ class Strategy:
 
     def __init__(self, mesh: Mesh, comm: Comm, options):
         self.mesh, self.comm, self.options = mesh, comm, options
+        self.tp_context = None  # set by apply_tp when tp > 1
 
     # -- validation (static: runs before any process group exists) ---------
     @classmethod
@@ -62,15 +70,26 @@ class Strategy:
         return self.mesh.degrees["dp"]
 
     def loss_weight(self) -> float:
-        """1 if this rank's loss counts in the global mean (0 for replicas of another's)."""
-        return 1.0
+        """1 if this rank's loss counts in the global mean (0 for replicas of
+        another's: every tp rank computes the same loss)."""
+        return 1.0 if self.mesh.coord("tp") == 0 else 0.0
 
     # -- the transform ------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
         return model
 
+    def apply_tp(self, model: nn.Module) -> nn.Module:
+        """Tensor (and sequence) parallelism over the tp axis, applied first, so
+        the data-parallel transforms see the local shards as the parameters."""
+        if self.mesh.degrees["tp"] > 1:
+            apply_tensor_parallel(model, self.mesh, self.comm, sequence_parallel=bool(self.options.get("sp", False)))
+            self.tp_context = model.tp_context
+        return model
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy, computed in fp32."""
+        """Mean next-token cross entropy, computed in fp32 (vocab-parallel under tp)."""
+        if self.tp_context is not None:
+            return self.tp_context.loss(logits, targets)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def forward_backward(self, model: nn.Module, x, y, micro_batches: int, autocast) -> torch.Tensor:
@@ -99,27 +118,35 @@ class Strategy:
     def reduce_gradients(self, model: nn.Module) -> None:
         pass
 
-    def grad_norm_group(self):
-        """Group over which gradient shards are partitioned (SOLO: grads are whole here)."""
-        return SOLO
+    def grad_norm_groups(self) -> list:
+        """Groups over which this rank's counted gradients are partitioned."""
+        return [self.mesh.group("tp")] if self.tp_context is not None else []
 
     def local_grads(self, model: nn.Module) -> list[torch.Tensor]:
-        """The gradients this rank owns (each element counted once across the group)."""
+        """Every gradient the optimizer on this rank will step with."""
         return [p.grad for p in model.parameters() if p.grad is not None]
+
+    def counted_grads(self, model: nn.Module) -> list[torch.Tensor]:
+        """The gradients that enter the norm on this rank, so that summing over
+        ``grad_norm_groups`` counts every element once (under tp, replicated
+        parameters count on tp rank 0 only)."""
+        if self.tp_context is not None:
+            return tp_grads_for_norm(model, self.mesh.coord("tp"))
+        return self.local_grads(model)
 
     @torch.no_grad()
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Global-norm clipping that is correct across shards: the squared norm is
-        summed locally, reduced over the shard group, and every rank applies the
+        summed locally, reduced over the shard groups, and every rank applies the
         same scale min(1, max_norm / (norm + 1e-6)) (as torch's clip_grad_norm_)."""
-        grads = self.local_grads(model)
-        if grads:  # one fused kernel per dtype, as torch's clip_grad_norm_
-            norm_sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
+        grads, counted = self.local_grads(model), self.counted_grads(model)
+        if counted:  # one fused kernel per dtype, as torch's clip_grad_norm_
+            norm_sq = torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
         else:
-            norm_sq = torch.zeros((), device=next(model.parameters()).device)
-        group = self.grad_norm_group()
-        if group is not SOLO:  # whole gradients on this rank: nothing to add up
-            self.comm.all_reduce(norm_sq, op=ReduceOp.SUM, group=group)
+            norm_sq = torch.zeros((), device=grads[0].device if grads else None)
+        for group in self.grad_norm_groups():
+            if group is not SOLO:  # whole gradients on this rank: nothing to add up
+                self.comm.all_reduce(norm_sq, op=ReduceOp.SUM, group=group)
         norm = norm_sq.sqrt()
         if max_norm and max_norm > 0 and grads:
             scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
@@ -154,34 +181,45 @@ class Strategy:
 
     # -- checkpoints (canonical form: full tensors by parameter name) ---------------
     def checkpoint_files(self, model: nn.Module, optimizer) -> dict[str, object]:
-        """Files this rank writes: name -> content. Replicated state: rank 0 only."""
+        """Files this rank writes: name -> content. Replicated state: rank 0 only
+        (every rank joins the gather of tp shards first)."""
+        params, optim = self.full_state(model, optimizer)
         if self.mesh.rank != 0:
             return {}
-        params, optim = self.full_state(model, optimizer)
         return {"model.safetensors": params, "optim.safetensors": optim_to_flat_dict(optim)}
 
+    def _whole(self, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``t`` (a parameter or a state shaped like it) whole: gathered over tp if sharded."""
+        if self.tp_context is None:
+            return t.detach()
+        return gather_tp_tensor(t, tp_shard_spec(p), self.comm, self.mesh.group("tp"))
+
     def full_state(self, model: nn.Module, optimizer):
-        """(parameters by name, AdamW state by name), whole, on CPU."""
-        names = {id(p): n for n, p in model.named_parameters()}
-        params = {n: p.detach().cpu() for n, p in model.named_parameters()}
-        optim = {
-            names[id(p)]: {k: v.detach().cpu() for k, v in st.items() if k in OPTIM_KEYS}
-            for p, st in optimizer.state.items()
-        }
+        """(parameters by name, AdamW state by name), whole, on CPU. Collective under tp."""
+        params, optim = {}, {}
+        for n, p in model.named_parameters():
+            params[n] = self._whole(p, p).cpu().clone()
+            st = optimizer.state.get(p, {})
+            for k in OPTIM_KEYS:
+                if k in st:
+                    optim.setdefault(n, {})[k] = (st[k].detach() if k == "step" else self._whole(st[k], p)).cpu().clone()
         return params, optim
 
     @torch.no_grad()
     def load_full_state(self, model: nn.Module, optimizer, params: dict, optim: dict) -> None:
+        """Load the canonical form: each rank keeps its tp shard of every tensor."""
         check_names(model, params)
         for n, p in model.named_parameters():
-            p.copy_(params[n])
-        for n, p in model.named_parameters():
+            p.copy_(shard_full_tensor(params[n], p))
             if n in optim:
-                optimizer.state[p] = {k: v.clone().to(p.device) if k != "step" else v.clone() for k, v in optim[n].items()}
+                optimizer.state[p] = {
+                    k: v.clone() if k == "step" else shard_full_tensor(v, p).to(p.device).clone()
+                    for k, v in optim[n].items()
+                }
 
     def full_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every parameter, whole, on CPU (gathers shards where a strategy has them)."""
-        return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+        """Every parameter, whole, on CPU in fp32 (a collective where shards exist)."""
+        return {n: self._whole(p, p).float().cpu().clone() for n, p in model.named_parameters()}
 
 
 def storage_bytes(tensors) -> int:

@@ -25,6 +25,7 @@ import torch.nn as nn
 from xtrain.comm import ReduceOp
 from xtrain.parallel.base import Strategy
 from xtrain.parallel.flat import FlatGroup
+from xtrain.parallel.tensor import reduce_tp_partial_grads
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,11 +43,14 @@ def check_reduce_dtype(options) -> list[str]:
 
 class DataParallel(Strategy):
     name = "dp"
-    supported_axes = ("dp",)
+    supported_axes = ("dp", "tp")
 
     @classmethod
     def check(cls, options, degrees, world_size):
         return super().check(options, degrees, world_size) + check_reduce_dtype(options)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return self.apply_tp(model)
 
     @torch.no_grad()
     def reduce_gradients(self, model: nn.Module) -> None:
@@ -60,6 +64,13 @@ class DataParallel(Strategy):
                 g = p.grad.to(dtype)
                 self.comm.all_reduce(g, op=ReduceOp.AVG, group=group)
                 p.grad.copy_(g)
+        self.reduce_tp_partial(model)
+
+    def reduce_tp_partial(self, model: nn.Module) -> None:
+        """Sum over tp the gradients of replicated parameters that each tp rank
+        only partly computed (norms under sequence parallel, shared kv heads)."""
+        if self.tp_context is not None:
+            reduce_tp_partial_grads(model, self.comm, self.mesh.group("tp"))
 
 
 class Bucket:
@@ -80,6 +91,7 @@ class DistributedDataParallel(DataParallel):
     name = "ddp"
 
     def parallelize(self, model: nn.Module) -> nn.Module:
+        model = self.apply_tp(model)
         self.reduce_dtype = reduce_dtype_of(self.options)
         self.sync = True
         limit = float(self.options.get("bucket_mb", 25)) * 2**20
@@ -144,7 +156,16 @@ class DistributedDataParallel(DataParallel):
                 bucket.buffer.copy_(bucket.comm_buffer)
             bucket.work = bucket.comm_buffer = None
             bucket.pending = len(bucket.layout.params)
+        self.reduce_tp_partial(model)
 
     def zero_grad(self, model: nn.Module, optimizer) -> None:
         for bucket in self.buckets:
             bucket.buffer.zero_()
+
+
+class TensorParallel(DataParallel):
+    """``strategy=tp``: Megatron tensor parallelism (``strategy.tp``, default 2;
+    ``strategy.sp`` for sequence parallel), with plain data parallelism over any
+    remaining ranks. ddp, zero1 and zero2 compose with tp the same way."""
+
+    name = "tp"

@@ -41,6 +41,7 @@ from xtrain.comm import ReduceOp
 from xtrain.parallel.base import Strategy, check_names
 from xtrain.parallel.data import check_reduce_dtype, reduce_dtype_of
 from xtrain.parallel.flat import FlatGroup, decay_split, model_units
+from xtrain.parallel.tensor import is_tp_partial, shard_full_tensor, tp_shard_spec
 
 EMPTY = torch.empty(0)
 
@@ -48,8 +49,11 @@ EMPTY = torch.empty(0)
 class ShardGroup:
     """One flat group: its layout, this rank's master slice and its gradient slice."""
 
-    def __init__(self, name: str, named, n: int, rank: int, decay: bool):
+    def __init__(self, name: str, named, n: int, rank: int, decay: bool, tp_kind: str = "whole"):
         self.name, self.decay = name, decay
+        # under tp: "shard" (each tp rank holds a slice), "partial" (replicated,
+        # gradients summed over tp) or "whole" (replicated, gradients complete)
+        self.tp_kind = tp_kind
         self.layout = FlatGroup([nm for nm, _ in named], [p for _, p in named], shards=n)
         self.lo, self.hi = self.layout.shard_range(rank)
         p0 = self.layout.params[0]
@@ -70,7 +74,7 @@ class ShardGroup:
 class Zero(Strategy):
     name = "zero"
     stage = 0
-    supported_axes = ("dp",)
+    supported_axes = ("dp", "tp")
 
     @classmethod
     def check(cls, options, degrees, world_size):
@@ -82,18 +86,20 @@ class Zero(Strategy):
     # -- set-up ----------------------------------------------------------------------
     @torch.no_grad()
     def parallelize(self, model: nn.Module) -> nn.Module:
+        model = self.apply_tp(model)  # ZeRO then shards the local (tp) parameters over dp
         self.group = self.mesh.group("dp")
         self.n, self.r = self.mesh.degrees["dp"], self.mesh.coord("dp")
         self.reduce_dtype = reduce_dtype_of(self.options)
         self.units: dict[str, list[ShardGroup]] = {}
         self.unit_of_group: dict[str, str] = {}
         for unit, named in model_units(model):
-            decay, no_decay = decay_split(named)
-            self.units[unit] = [
-                ShardGroup(f"{unit}.{kind}", part, self.n, self.r, kind == "decay")
-                for kind, part in (("decay", decay), ("no_decay", no_decay))
-                if part
-            ]
+            self.units[unit] = []
+            for decay, part in zip((True, False), decay_split(named)):
+                for tp_kind in ("whole", "shard", "partial"):
+                    members = [(n, p) for n, p in part if _tp_kind(p) == tp_kind]
+                    if members:
+                        name = f"{unit}.{'decay' if decay else 'no_decay'}" + ("" if tp_kind == "whole" else f".tp_{tp_kind}")
+                        self.units[unit].append(ShardGroup(name, members, self.n, self.r, decay, tp_kind))
         self.groups = [g for gs in self.units.values() for g in gs]
         self.unit_of_group = {g.name: unit for unit, gs in self.units.items() for g in gs}
         for g in self.groups:
@@ -178,12 +184,24 @@ class Zero(Strategy):
                 g.bucket, g.pending = None, len(g.params)
             self._finish_reduce(g)
             g.shard.grad = g.grad_shard if g.grad_shard is not None else torch.zeros_like(g.shard)
+        partial = [g.shard.grad for g in self.groups if g.tp_kind == "partial"]
+        if partial and self.tp_context is not None:
+            # replicated over tp with partial gradients (norms under sp): dp slices
+            # line up across tp ranks, so one flat all-reduce over tp completes them
+            flat = torch.cat(partial)
+            self.comm.all_reduce(flat, op=ReduceOp.SUM, group=self.mesh.group("tp"))
+            for grad, piece in zip(partial, flat.split([t.numel() for t in partial])):
+                grad.copy_(piece)
 
-    def grad_norm_group(self):
-        return self.group
+    def grad_norm_groups(self) -> list:
+        return [self.group, *super().grad_norm_groups()]
 
     def local_grads(self, model: nn.Module) -> list[torch.Tensor]:
         return [g.shard.grad for g in self.groups if g.shard.grad is not None]
+
+    def counted_grads(self, model: nn.Module) -> list[torch.Tensor]:
+        tp0 = self.mesh.coord("tp") == 0
+        return [g.shard.grad for g in self.groups if g.shard.grad is not None and (g.tp_kind == "shard" or tp0)]
 
     def zero_grad(self, model: nn.Module, optimizer) -> None:
         for g in self.groups:
@@ -220,15 +238,14 @@ class Zero(Strategy):
         return full
 
     def full_state(self, model, optimizer):
-        params, optim = {}, {}
+        """Whole tensors by name: the dp slices gathered, then the tp shards. Collective."""
+        params, optim = self.full_parameters(model), {}
         for g in self.groups:
-            for name, view in zip(g.layout.names, g.layout.views(self._gather_full(g))):
-                params[name] = view.detach().cpu().clone()
             st = optimizer.state.get(g.shard, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
-                    for name, view in zip(g.layout.names, g.layout.views(self._gather_slices(g, st[key]))):
-                        optim.setdefault(name, {})[key] = view.cpu().clone()
+                    for name, p, view in zip(g.layout.names, g.params, g.layout.views(self._gather_slices(g, st[key]))):
+                        optim.setdefault(name, {})[key] = self._whole(view, p).cpu().clone()
             if "step" in st:
                 for name in g.layout.names:
                     optim.setdefault(name, {})["step"] = st["step"].detach().cpu().clone()
@@ -237,24 +254,41 @@ class Zero(Strategy):
     def full_parameters(self, model):
         params = {}
         for g in self.groups:
-            for name, view in zip(g.layout.names, g.layout.views(self._gather_full(g))):
-                params[name] = view.detach().float().cpu().clone()
+            for name, p, view in zip(g.layout.names, g.params, g.layout.views(self._gather_full(g))):
+                params[name] = self._whole(view, p).float().cpu().clone()
         return params
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint_files(self, model, optimizer):
+        """Each rank writes its slice of every group; rank 0 writes the layout.
+        Under tp, groups are per tp rank (``tp1/blocks.0.decay.tp_shard``) and the
+        layout records how each name's tp shards join back (``tp_shards``)."""
+        tp, t = self.mesh.degrees["tp"], self.mesh.coord("tp")
+        prefix = f"tp{t}/" if tp > 1 else ""
         tensors = {}
         for g in self.groups:
-            tensors[f"{g.name}/param"] = g.shard.detach()
+            tensors[f"{prefix}{g.name}/param"] = g.shard.detach()
             for key, v in optimizer.state.get(g.shard, {}).items():
-                tensors[f"{g.name}/{key}"] = v.detach().reshape(-1) if key == "step" else v.detach()
+                tensors[f"{prefix}{g.name}/{key}"] = v.detach().reshape(-1) if key == "step" else v.detach()
         files = {f"shard_rank{self.mesh.rank}.safetensors": tensors}
         if self.mesh.rank == 0:
-            holders = [f"shard_rank{rk}.safetensors" for rk in self.mesh.ranks("dp")]
+            groups = {}
+            for tt in range(tp):
+                # the dp peers of tp rank tt, in dp order, hold that tp rank's slices
+                holders = [f"shard_rank{rk}.safetensors" for rk in self.mesh.grid.select(-1, tt).flatten().tolist()]
+                for g in self.groups:
+                    groups[f"tp{tt}/{g.name}" if tp > 1 else g.name] = {**g.layout.layout(), "files": holders}
             files[SHARDS] = {
                 "strategy": self.name,
                 "dp": self.n,
-                "groups": {g.name: {**g.layout.layout(), "files": holders} for g in self.groups},
+                "tp": tp,
+                "groups": groups,
+                "tp_shards": {
+                    name: vars(spec)
+                    for g in self.groups
+                    for name, p in zip(g.layout.names, g.params)
+                    if (spec := tp_shard_spec(p)) is not None
+                },
             }
         return files
 
@@ -262,14 +296,16 @@ class Zero(Strategy):
     def load_full_state(self, model, optimizer, params, optim):
         check_names_units(self.groups, params)
         for g in self.groups:
-            full = g.layout.flatten([params[n] for n in g.layout.names])
+            full = g.layout.flatten([shard_full_tensor(params[n], p) for n, p in zip(g.layout.names, g.params)])
             g.shard.copy_(full[g.lo : g.hi])
             if g.full is not None:
                 g.full.copy_(full)
             names = [n for n in g.layout.names if n in optim]
             if names:
                 state = {
-                    key: g.layout.flatten([optim[n][key] for n in g.layout.names])[g.lo : g.hi].clone()
+                    key: g.layout.flatten([shard_full_tensor(optim[n][key], p) for n, p in zip(g.layout.names, g.params)])[
+                        g.lo : g.hi
+                    ].clone()
                     for key in ("exp_avg", "exp_avg_sq")
                 }
                 state["step"] = optim[names[0]]["step"].reshape(()).clone()
@@ -283,6 +319,10 @@ class Zero(Strategy):
         if self.stage == 1:
             return [g.grad_buffer for g in self.groups]
         return [g.shard.grad for g in self.groups]
+
+
+def _tp_kind(p) -> str:
+    return "shard" if tp_shard_spec(p) is not None else ("partial" if is_tp_partial(p) else "whole")
 
 
 def check_names_units(groups: list[ShardGroup], params: dict) -> None:
@@ -308,6 +348,7 @@ class Zero3(Zero):
 
     name = "zero3"
     stage = 3
+    supported_axes = ("dp",)
 
     @torch.no_grad()
     def parallelize(self, model: nn.Module) -> nn.Module:
