@@ -153,9 +153,10 @@ def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
 
     def global_mean(local: torch.Tensor, weight: float, *extra_max: float):
         """Weighted mean of ``local`` over ranks, and the max of each ``extra_max``."""
-        v = torch.tensor([float(local) * weight, weight, *extra_max], dtype=torch.float64)
+        # on the compute device: NCCL moves only CUDA tensors
+        v = torch.tensor([float(local) * weight, weight, *extra_max], dtype=torch.float64, device=device)
         if world > 1:
-            out = torch.empty(world * v.numel(), dtype=torch.float64)
+            out = torch.empty(world * v.numel(), dtype=torch.float64, device=device)
             meta_comm.all_gather_into_tensor(out, v)
             v = out.view(world, -1)
         else:
