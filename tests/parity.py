@@ -28,7 +28,8 @@ def single_reference(overrides: tuple[str, ...]):
     return run_config([*overrides, "strategy=single"])
 
 
-def _run_list(rank, world, configs):
+def run_list(rank, world, configs):
+    """Per rank: run each config in turn; (losses, params on rank 0) for each."""
     out = []
     for overrides in configs:
         losses, params = run_config(list(overrides))
@@ -38,7 +39,7 @@ def _run_list(rank, world, configs):
 
 def run_many(configs: list[list[str]], world: int, timeout: float = 300.0):
     """Rank 0's (losses, params) for each config, all run in one ``world``-rank job."""
-    per_rank = run_on_ranks(_run_list, world, [list(c) for c in configs], timeout=timeout, pg_timeout=60)
+    per_rank = run_on_ranks(run_list, world, [list(c) for c in configs], timeout=timeout, pg_timeout=60)
     return per_rank[0]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from parity import run_config, single_reference
+from parity import run_list, single_reference
 from xtrain.checkpoint import complete_checkpoints
 from xtrain.spawn import run_on_ranks
 
@@ -27,20 +27,12 @@ BASE = (
 )
 
 
-def _runs(rank, world, configs):
-    out = []
-    for overrides in configs:
-        losses, params = run_config(list(overrides))
-        out.append((losses, params if rank == 0 else None))
-    return out
-
-
 def test_zero3_checkpoint_resumes_exactly_consolidates_and_moves_to_ddp(tmp_path):
     straight_dir, ckpt_dir = tmp_path / "straight", tmp_path / "ckpt"
     z3 = [*BASE, "strategy=zero3"]
     resume4 = f"train.resume={ckpt_dir / 'checkpoints' / 'step_000004'}"
     (straight, _), (first, _), (resumed, resumed_params) = run_on_ranks(
-        _runs,
+        run_list,
         4,
         [
             [*z3, f"train.out_dir={straight_dir}"],
@@ -77,7 +69,7 @@ def test_zero3_checkpoint_resumes_exactly_consolidates_and_moves_to_ddp(tmp_path
 
     # zero3 on 4 ranks -> ddp on 2 ranks, from step 4
     ddp = [*BASE, "strategy=ddp", f"train.out_dir={tmp_path / 'ddp'}", resume4]
-    [(moved, moved_params)] = run_on_ranks(_runs, 2, [ddp], timeout=300)[0]
+    [(moved, moved_params)] = run_on_ranks(run_list, 2, [ddp], timeout=300)[0]
     assert len(moved) == 4
     for a, b in zip(moved, straight[4:]):
         assert abs(a - b) <= 1e-5 * abs(b)
