@@ -81,7 +81,7 @@ def test_zero3_gathers_only_the_live_units(tmp_path):
     """With 4 blocks and prefetch=1, the peak of gathered parameters is the
     resident embedding/head plus two blocks, well under the whole model."""
     [(losses, _)] = run_on_ranks(
-        _runs, 2, [[*BASE, "strategy=zero3", "train.steps=2", f"train.out_dir={tmp_path}"]], timeout=200
+        run_list, 2, [[*BASE, "strategy=zero3", "train.steps=2", f"train.out_dir={tmp_path}"]], timeout=200
     )[0]
     rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     peak = rec["model_state_bytes"]["gathered_peak"]
