@@ -22,7 +22,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from xtrain.comm import ReduceOp
+from xtrain.comm import SOLO, ReduceOp
 from xtrain.parallel.base import Strategy
 from xtrain.parallel.flat import FlatGroup
 from xtrain.parallel.tensor import reduce_tp_partial_grads
@@ -56,7 +56,7 @@ class DataParallel(Strategy):
     def reduce_gradients(self, model: nn.Module) -> None:
         group, dtype = self.mesh.group("dp"), reduce_dtype_of(self.options)
         for p in model.parameters():
-            if p.grad is None:
+            if p.grad is None or group is SOLO:  # dp=1 (pure tp): nothing to average
                 continue
             if p.grad.dtype == dtype:
                 self.comm.all_reduce(p.grad, op=ReduceOp.AVG, group=group)
