@@ -64,7 +64,9 @@ class ShardGroup:
         self.bucket: torch.Tensor | None = None  # zero2/3: gradients on their way out
         self.rs_out: torch.Tensor | None = None
         self.rs_work = None
+        self.grad_shard: torch.Tensor | None = None  # this rank's slice of the reduced gradient
         self.pending = len(self.layout.params)
+        self.sent = False  # zero3: this group's gradients went out in this backward
 
     @property
     def params(self):
@@ -91,7 +93,6 @@ class Zero(Strategy):
         self.n, self.r = self.mesh.degrees["dp"], self.mesh.coord("dp")
         self.reduce_dtype = reduce_dtype_of(self.options)
         self.units: dict[str, list[ShardGroup]] = {}
-        self.unit_of_group: dict[str, str] = {}
         for unit, named in model_units(model):
             self.units[unit] = []
             for decay, part in zip((True, False), decay_split(named)):
@@ -120,7 +121,6 @@ class Zero(Strategy):
             else:
                 for i, p in enumerate(g.params):
                     p.register_post_accumulate_grad_hook(self._grad_ready_hook(g, i))
-            g.grad_shard = None
         return model
 
     def build_optimizer(self, model, train_cfg):
@@ -450,7 +450,7 @@ class Zero3(Zero):
         # Free the unit once every one of its groups has sent its gradients in this backward.
         g.sent = True
         unit = self.unit_of_group[g.name]
-        if all(getattr(x, "sent", False) for x in self.units[unit]):
+        if all(x.sent for x in self.units[unit]):
             for x in self.units[unit]:
                 x.sent = False
             self._free(unit)
