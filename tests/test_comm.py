@@ -546,3 +546,33 @@ def test_tree_shape():
                 reached.add(c)
         assert reached == set(range(n))
         assert len(tree_children(0, n)) == tree_rounds(n)
+
+
+def test_scratch_buffers_are_reused_exclusively_and_bounded():
+    from xtrain.comm import scratch
+
+    scratch.clear()
+    a, raw_a = scratch.take(1000, torch.float32, torch.device("cpu"))
+    b, raw_b = scratch.take(1000, torch.float32, torch.device("cpu"))
+    assert a.numel() == b.numel() == 1000 and a.dtype == torch.float32
+    assert raw_a.data_ptr() != raw_b.data_ptr()  # in use by two callers at once: two buffers
+    scratch.give(raw_a)
+    c, raw_c = scratch.take(500, torch.float64, torch.device("cpu"))  # fits in a's 4000 bytes
+    assert raw_c.data_ptr() == raw_a.data_ptr() and c.dtype == torch.float64 and c.numel() == 500
+    scratch.give(raw_b)
+    scratch.give(raw_c)
+    big = torch.empty(scratch.MAX_KEEP_BYTES + 1, dtype=torch.uint8)
+    scratch.give(big)  # too large to keep
+    d, raw_d = scratch.take(10, torch.int64, torch.device("cpu"))
+    assert raw_d.data_ptr() != big.data_ptr()
+    scratch.clear()
+
+
+def test_broadcast_tree_or_chain_follows_the_cost_model():
+    from xtrain.comm import ring, tree
+
+    seg = ring.SEGMENT_BYTES
+    assert tree.use_tree(seg, 4, 4)  # one segment: tree (2 rounds) beats chain (3 hops)
+    assert not tree.use_tree(2 * seg, 4, 4)  # two segments: chain 4 half-times = tree's 4
+    assert tree.use_tree(64 << 20, 2, 4)  # two ranks: one message either way
+    assert tree.use_tree(2 * seg, 8, 4) and not tree.use_tree(3 * seg, 8, 4)

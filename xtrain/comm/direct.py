@@ -5,7 +5,9 @@
   Cost: (n-1) alpha + (n-1) S_piece beta at the root.
 - all-to-all: pairwise exchange (Thakur, Rabenseifner & Gropp 2005): in
   step k = 1..n-1 rank r sends its block for r+k and receives from r-k. All
-  steps are posted at once so the transport overlaps them; per rank, the
+  steps are posted at once, every receive before any send (gloo sends a
+  message only once its receive is announced), so the transport overlaps
+  them; per rank, the
   bytes sent are the blocks for the other ranks, (n-1)/n S for equal splits.
   Cost: (n-1)(alpha + S/n beta).
 - barrier: dissemination (Hensgen, Finkel & Manber 1988): in round i every
@@ -41,11 +43,18 @@ def scatter(ch: Channel, piece: torch.Tensor, inputs: list[torch.Tensor] | None,
 def all_to_all(ch: Channel, outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> None:
     """``outputs[i]`` gets group rank i's ``inputs[rank]`` (all flat, contiguous)."""
     n, r = ch.size, ch.rank
-    outputs[r].copy_(inputs[r])
     sends = [(inputs[(r + k) % n], (r + k) % n) for k in range(1, n)]
     recvs = [(outputs[(r - k) % n], (r - k) % n) for k in range(1, n)]
-    # Interleave so that on NCCL the batch is grouped and on gloo step k's pair is posted together.
-    ch.wait_all(ch.exchange(sends, recvs))
+    if ch.post_ahead:
+        # Receives first: on gloo a send goes out once its receive is announced,
+        # so every peer's send to us can start the moment it is posted.
+        works = [ch.recv_from(t, p) for t, p in recvs]
+        works += [ch.send_to(t, p) for t, p in sends]
+    else:
+        # On NCCL the batch is grouped, so sends and receives together cannot deadlock.
+        works = ch.exchange(sends, recvs)
+    outputs[r].copy_(inputs[r])  # the local block, while the messages move
+    ch.wait_all(works)
 
 
 def barrier(ch: Channel) -> None:

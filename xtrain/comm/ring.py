@@ -13,7 +13,11 @@ steps.
 Pipelining: every chunk is further cut into m segments. Segment j of step
 k+1 goes out as soon as segment j of step k has arrived and been reduced, so
 the reduction of one segment overlaps the transfer of the next and the links
-never wait for a whole chunk. Cost per rank (alpha-beta model, S bytes):
+never wait for a whole chunk. Every step has its own tag, so receives are
+posted ahead of the data (gloo sends a message only once the receiver has
+announced the receive): all-gather steps land in place and are posted at
+the start; reduce-scatter steps rotate through DEPTH scratch slots. Cost per
+rank (alpha-beta model, S bytes):
 
     reduce-scatter, all-gather:  (n-1)(alpha + S/n beta)        [+ (m-1) alpha pipeline fill]
     all-reduce:                 2(n-1)(alpha + S/n beta)
@@ -28,14 +32,20 @@ import math
 
 import torch
 
-from xtrain.comm import reduce_ops
+from xtrain.comm import reduce_ops, scratch
 from xtrain.comm.p2p import Channel
 
 # Bytes per pipeline segment. On gloo over loopback with oversubscribed cores
-# every message costs a wake-up round trip, so segments must be large: 1 MiB
-# ran at ~0.6x the built-in all-reduce on 4 ranks, 4 MiB at ~1x (see
-# docs/collectives.md). Smaller segments overlap more but pay more per message.
+# every message costs wake-ups, so segments must be large: 1 MiB and 256 KiB
+# were no faster than 4 MiB for all-reduce on 4 ranks, and slower for the
+# broadcast chain (see docs/collectives.md). Smaller segments overlap more but
+# pay more per message.
 SEGMENT_BYTES = 4 << 20
+
+# Receive slots per segment for partial results (reduce-scatter steps): the
+# receive of step k is posted as soon as the slot's previous occupant, step
+# k - DEPTH, is done with, i.e. up to DEPTH steps before its data is sent.
+DEPTH = 3
 
 
 def segment_count(chunk_numel: int, element_size: int) -> int:
@@ -43,30 +53,91 @@ def segment_count(chunk_numel: int, element_size: int) -> int:
     return max(1, math.ceil(chunk_numel * element_size / SEGMENT_BYTES))
 
 
-def run_ring(ch: Channel, steps: int, segments: int, send_seg, recv_seg, on_recv=None) -> None:
+def run_ring(
+    ch: Channel,
+    steps: int,
+    segments: int,
+    send_seg,
+    recv_seg,
+    on_recv=None,
+    *,
+    staged: int = 0,
+    depth: int = DEPTH,
+    forwards_slot: bool = False,
+) -> None:
     """The pipelined ring engine.
 
     At step k every rank sends ``send_seg(k, j)`` to its successor and receives
-    ``recv_seg(k, j)`` from its predecessor, for every segment j. Step k+1 of
-    segment j is posted once step k of segment j has arrived and
-    ``on_recv(k, j)`` has run; before a segment's next receive is posted, its
-    previous send is complete, so a buffer that alternates between sending
-    and receiving is never overwritten while in flight.
+    ``recv_seg(k, j)`` from its predecessor, for every segment j; each step
+    has its own tag. Step k+1 of segment j is sent once step k of segment j
+    has arrived and ``on_recv(k, j)`` has run.
+
+    Receives are posted ahead of the data. Those of steps ``>= staged`` go
+    straight to their final place and are all posted at the start. Those of
+    steps ``< staged`` land in ``depth`` rotating scratch slots (step k in
+    slot k mod depth): a receive is posted once the slot's previous occupant
+    (step k - depth) has been combined, or, with ``forwards_slot`` (the
+    occupant is itself sent on at the next step), once that send completed.
+
+    Without ``ch.post_ahead`` (NCCL, which matches messages by issue order)
+    each receive is posted together with its step's send instead, the same
+    slots being reused in the same order.
     """
     if steps <= 0:
         return
+    if not ch.post_ahead:
+        _run_ring_paired(ch, steps, segments, send_seg, recv_seg, on_recv, staged, forwards_slot)
+        return
     nxt, prv = ch.peer(1), ch.peer(-1)
-    sends, recvs = [None] * segments, [None] * segments
-    for j in range(segments):
-        sends[j], recvs[j] = ch.exchange([(send_seg(0, j), nxt)], [(recv_seg(0, j), prv)])
+    m = segments
+    recvs = [[None] * m for _ in range(steps)]
+    sends = [[None] * m for _ in range(steps)]
+
+    def post_recv(k, j):
+        recvs[k][j] = ch.recv_from(recv_seg(k, j), prv, k)
+
     for k in range(steps):
-        for j in range(segments):
+        if k >= staged or k < depth:
+            for j in range(m):
+                post_recv(k, j)
+    for j in range(m):
+        sends[0][j] = ch.send_to(send_seg(0, j), nxt, 0)
+    for k in range(steps):
+        for j in range(m):
+            ch.wait(recvs[k][j])
+            if on_recv is not None:
+                on_recv(k, j)
+            if k + 1 < steps:
+                sends[k + 1][j] = ch.send_to(send_seg(k + 1, j), nxt, k + 1)
+            if forwards_slot:
+                # step k+depth-1 reuses the slot of step k-1, which send k forwarded
+                nk = k + depth - 1
+                if k >= 1 and nk < staged:
+                    ch.wait(sends[k][j])
+                    sends[k][j] = None  # a gloo work must be waited exactly once
+                    post_recv(nk, j)
+            elif k + depth < staged:
+                post_recv(k + depth, j)
+    for row in sends:
+        ch.wait_all(row)
+
+
+def _run_ring_paired(ch, steps, m, send_seg, recv_seg, on_recv, staged, forwards_slot) -> None:
+    """``run_ring`` for backends that match by issue order: one step's send and receive per batch."""
+    nxt, prv = ch.peer(1), ch.peer(-1)
+    sends, recvs = [None] * m, [None] * m
+    for j in range(m):
+        sends[j], recvs[j] = ch.exchange([(send_seg(0, j), nxt)], [(recv_seg(0, j), prv)], step=0)
+    for k in range(steps):
+        for j in range(m):
             ch.wait(recvs[j])
             if on_recv is not None:
                 on_recv(k, j)
             if k + 1 < steps:
-                ch.wait(sends[j])
-                sends[j], recvs[j] = ch.exchange([(send_seg(k + 1, j), nxt)], [(recv_seg(k + 1, j), prv)])
+                ch.wait(sends[j])  # a forwarded slot is free again once its send is done
+                sends[j], recvs[j] = ch.exchange(
+                    [(send_seg(k + 1, j), nxt)], [(recv_seg(k + 1, j), prv)], step=k + 1
+                )
     for w in sends:
         ch.wait(w)
 
@@ -75,13 +146,29 @@ def _segments(flat: torch.Tensor, m: int) -> list[torch.Tensor]:
     return list(flat.tensor_split(m))
 
 
-def _scratch(like: torch.Tensor, copies: int, m: int, seg_numel: int) -> torch.Tensor:
-    """Receive buffers: ``copies`` x ``m`` disjoint segment slots."""
-    return torch.empty((copies, m, seg_numel), dtype=like.dtype, device=like.device)
+class _Scratch:
+    """``slots`` x ``m`` receive buffers of ``seg_numel`` elements, borrowed from the scratch pool."""
+
+    def __init__(self, like: torch.Tensor, slots: int, m: int, seg_numel: int):
+        flat, self._raw = scratch.take(slots * m * seg_numel, like.dtype, like.device)
+        self.buf = flat.view(slots, m, seg_numel)
+
+    def __enter__(self):
+        return self.buf
+
+    def __exit__(self, *exc):
+        scratch.give(self._raw)
+        return False
 
 
 def all_reduce(ch: Channel, flat: torch.Tensor, op) -> None:
-    """In-place ring all-reduce of a contiguous 1-D tensor of any length."""
+    """In-place ring all-reduce of a contiguous 1-D tensor of any length.
+
+    Receive buffers: the reduce-scatter steps land in ``min(DEPTH, n-1)``
+    scratch slots; the all-gather steps land in place (their receives are
+    posted at the start: a chunk's final value can only arrive after this
+    rank's own contribution to it has been sent).
+    """
     n, r = ch.size, ch.rank
     if n == 1:
         return
@@ -89,33 +176,35 @@ def all_reduce(ch: Channel, flat: torch.Tensor, op) -> None:
     m = segment_count(chunks[0].numel(), flat.element_size())
     segs = [_segments(c, m) for c in chunks]
     seg_max = max(s.numel() for s in segs[0]) if flat.numel() else 0
-    scratch = _scratch(flat, 1, m, seg_max)[0]
+    depth = min(DEPTH, n - 1)
 
-    def send_seg(k, j):
-        # reduce-scatter steps send the partial sums, all-gather steps the finished chunks
-        c = (r - k - 1) % n if k < n - 1 else (r - (k - n + 1)) % n
-        return segs[c][j]
+    with _Scratch(flat, depth, m, seg_max) as slots:
 
-    def recv_seg(k, j):
-        if k < n - 1:
-            return scratch[j, : segs[(r - k - 2) % n][j].numel()]
-        return segs[(r - (k - n + 1) - 1) % n][j]
+        def send_seg(k, j):
+            # reduce-scatter steps send the partial sums, all-gather steps the finished chunks
+            c = (r - k - 1) % n if k < n - 1 else (r - (k - n + 1)) % n
+            return segs[c][j]
 
-    def on_recv(k, j):
-        if k < n - 1:
-            mine = segs[(r - k - 2) % n][j]
-            reduce_ops.combine(op, mine, mine, scratch[j, : mine.numel()])
-            if k == n - 2:
-                reduce_ops.finish(op, mine, n)
+        def recv_seg(k, j):
+            if k < n - 1:
+                return slots[k % depth, j, : segs[(r - k - 2) % n][j].numel()]
+            return segs[(r - (k - n + 1) - 1) % n][j]
 
-    run_ring(ch, 2 * (n - 1), m, send_seg, recv_seg, on_recv)
+        def on_recv(k, j):
+            if k < n - 1:
+                mine = segs[(r - k - 2) % n][j]
+                reduce_ops.combine(op, mine, mine, slots[k % depth, j, : mine.numel()])
+                if k == n - 2:
+                    reduce_ops.finish(op, mine, n)
+
+        run_ring(ch, 2 * (n - 1), m, send_seg, recv_seg, on_recv, staged=n - 1, depth=depth)
 
 
 def reduce_scatter(ch: Channel, out_flat: torch.Tensor, in_flat: torch.Tensor, op) -> None:
     """Ring reduce-scatter: ``out_flat`` (1-D) gets chunk ``rank`` of the reduced ``in_flat``.
 
-    ``in_flat`` is read only; partial sums alternate between two scratch
-    buffers (one being sent while the next arrives).
+    ``in_flat`` is read only; partial sums rotate through ``DEPTH`` scratch
+    slots (one being sent on while later ones arrive).
     """
     n, r = ch.size, ch.rank
     if n == 1:
@@ -127,33 +216,36 @@ def reduce_scatter(ch: Channel, out_flat: torch.Tensor, in_flat: torch.Tensor, o
     segs = [_segments(c, m) for c in chunks]
     out_segs = _segments(out_flat, m)
     seg_max = max(s.numel() for s in out_segs) if out_flat.numel() else 0
-    scratch = _scratch(out_flat, 2, m, seg_max)
+    depth = max(2, min(DEPTH, n - 1))
 
-    def send_seg(k, j):
-        if k == 0:
-            return segs[(r - 1) % n][j]
-        return scratch[(k - 1) % 2, j, : out_segs[j].numel()]
+    with _Scratch(out_flat, depth, m, seg_max) as slots:
 
-    def recv_seg(k, j):
-        return scratch[k % 2, j, : out_segs[j].numel()]
+        def send_seg(k, j):
+            if k == 0:
+                return segs[(r - 1) % n][j]
+            return slots[(k - 1) % depth, j, : out_segs[j].numel()]
 
-    def on_recv(k, j):
-        got = recv_seg(k, j)
-        mine = segs[(r - k - 2) % n][j]
-        if k < n - 2:
-            reduce_ops.combine(op, got, got, mine)
-        else:
-            reduce_ops.combine(op, out_segs[j], got, mine)
-            reduce_ops.finish(op, out_segs[j], n)
+        def recv_seg(k, j):
+            return slots[k % depth, j, : out_segs[j].numel()]
 
-    run_ring(ch, n - 1, m, send_seg, recv_seg, on_recv)
+        def on_recv(k, j):
+            got = recv_seg(k, j)
+            mine = segs[(r - k - 2) % n][j]
+            if k < n - 2:
+                reduce_ops.combine(op, got, got, mine)
+            else:
+                reduce_ops.combine(op, out_segs[j], got, mine)
+                reduce_ops.finish(op, out_segs[j], n)
+
+        run_ring(ch, n - 1, m, send_seg, recv_seg, on_recv, staged=n - 1, depth=depth, forwards_slot=True)
 
 
 def all_gather(ch: Channel, chunks: list[torch.Tensor]) -> None:
     """Ring all-gather: ``chunks[rank]`` holds this rank's piece; fills the others.
 
     ``chunks`` are contiguous 1-D tensors of equal length (views into one
-    output tensor, or the members of a list).
+    output tensor, or the members of a list). Every receive lands in its
+    final place, so all of them are posted at the start.
     """
     n, r = ch.size, ch.rank
     if n == 1:

@@ -13,7 +13,9 @@ forwards segment j as soon as it has it, and the time approaches one
 message transfer. Cost: (n - 2 + m)(alpha + S/m beta). Each rank but the
 last sends S bytes and each but the root receives S. Reduce runs the same
 shapes backwards, combining on the way in (the root receives, non-roots send
-their partial result).
+their partial result). Which one a message takes follows the same model
+(``use_tree``): the chain only where m (ceil(log2 n) - 1) >= n - 2 for its m
+segments, so on 4 ranks a one-segment message (up to 4 MiB) takes the tree.
 """
 
 from __future__ import annotations
@@ -30,8 +32,18 @@ from xtrain.comm.ring import segment_count
 TREE_MAX_BYTES = 64 << 10
 
 
-def use_tree(nbytes: int, n: int) -> bool:
-    return nbytes <= TREE_MAX_BYTES or n <= 2
+def use_tree(nbytes: int, n: int, element_size: int = 1) -> bool:
+    """Binomial tree for small messages, two ranks, or wherever the α–β model says it is faster.
+
+    With m segments a chain takes (n - 2 + m) segment times and the tree
+    ceil(log2 n) m, so the tree wins while m (ceil(log2 n) - 1) < n - 2: for
+    n = 4 that is any message of one segment (up to ``ring.SEGMENT_BYTES``),
+    where a chain would make three full hops against the tree's two rounds.
+    """
+    if nbytes <= TREE_MAX_BYTES or n <= 2:
+        return True
+    m = segment_count(nbytes // element_size, element_size)
+    return m * (tree_rounds(n) - 1) < n - 2
 
 
 def tree_rounds(n: int) -> int:
@@ -83,7 +95,7 @@ def broadcast(ch: Channel, flat: torch.Tensor, root: int) -> None:
     if ch.size == 1:
         return
     nbytes = flat.numel() * flat.element_size()
-    (broadcast_tree if use_tree(nbytes, ch.size) else broadcast_chain)(ch, flat, root)
+    (broadcast_tree if use_tree(nbytes, ch.size, flat.element_size()) else broadcast_chain)(ch, flat, root)
 
 
 def reduce_tree(ch: Channel, flat: torch.Tensor, root: int, op) -> None:
@@ -124,6 +136,6 @@ def reduce(ch: Channel, flat: torch.Tensor, root: int, op) -> None:
     """Reduce every rank's ``flat`` into ``flat`` on group rank ``root``."""
     if ch.size > 1:
         nbytes = flat.numel() * flat.element_size()
-        (reduce_tree if use_tree(nbytes, ch.size) else reduce_chain)(ch, flat, root, op)
+        (reduce_tree if use_tree(nbytes, ch.size, flat.element_size()) else reduce_chain)(ch, flat, root, op)
     if ch.rank == root:
         reduce_ops.finish(op, flat, ch.size)

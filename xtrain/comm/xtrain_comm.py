@@ -5,7 +5,7 @@ results, ``group`` with ``None`` for the world, global ``src``/``dst``
 ranks, ``async_op=True`` returning a handle with ``wait()``). The algorithms
 live in ``ring`` (all-reduce, reduce-scatter, all-gather), ``tree``
 (broadcast, reduce), and ``direct`` (gather, scatter, all-to-all, barrier);
-they only ever call ``isend``/``irecv`` (via ``batch_isend_irecv``) on tensors
+they only ever post point-to-point sends and receives (see ``p2p``) on tensors
 on the input's device, so the same code runs on gloo and NCCL.
 
 Inputs that are not contiguous are copied to contiguous buffers and the
