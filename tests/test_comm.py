@@ -524,9 +524,7 @@ def test_solo_group_collectives_are_local_copies():
     lst = [torch.empty(2)]
     comm.all_to_all(lst, [torch.ones(2)], group=SOLO)
     assert torch.equal(lst[0], torch.ones(2))
-    rows = comm.ledger.summary_rows()
-    assert {r[0] for r in rows} == {"all_reduce", "reduce_scatter", "all_gather", "all_to_all"}
-    assert all(r[3] == 0 and r[4] == 0 for r in rows)  # nothing on the wire
+    assert comm.ledger.summary_rows() == []  # nothing on the wire, nothing in the ledger
 
 
 def test_integer_avg_is_refused_like_gloo():

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ReduceOp
 
-from xtrain.comm.groups import group_label
+from xtrain.comm.groups import SOLO, group_label
 from xtrain.comm.ledger import Ledger
 
 
@@ -85,6 +85,8 @@ class Comm:
 
         def complete():
             finish()
+            if group is SOLO:  # a one-member group moves nothing: keep it out of the ledger
+                return
             s, r, m = (traffic.sent, traffic.recv, traffic.messages) if traffic is not None else (sent, recv, 0)
             self.ledger.record(op, group_label(group), s, r, time.perf_counter() - t0, m)
 
