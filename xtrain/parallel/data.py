@@ -3,7 +3,8 @@
 ``dp``: after backward, every gradient is all-reduced (averaged) over the dp
 axis, one collective per parameter: the textbook version.
 
-``ddp``: gradients live in flat buckets of about ``bucket_mb`` MB, filled in
+``ddp``: gradients live in flat buckets of about ``bucket_mb`` MB (the first
+one ``first_bucket_mb``, 1 by default), filled in
 reverse parameter order (the order backward produces them). Each parameter's
 ``.grad`` is a view into its bucket, so autograd accumulates straight into the
 buffer the collective reads. When the last gradient of a bucket arrives
@@ -95,14 +96,17 @@ class DistributedDataParallel(DataParallel):
         self.reduce_dtype = reduce_dtype_of(self.options)
         self.sync = True
         limit = float(self.options.get("bucket_mb", 25)) * 2**20
+        # The first bucket (the last layers) is small, so its all-reduce starts
+        # early in backward and overlaps the rest (torch DDP caps it at 1 MB too).
+        first_limit = min(limit, float(self.options.get("first_bucket_mb", 1)) * 2**20)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad][::-1]
         runs, run, size = [], [], 0
-        for n, p in named:
-            if run and size + p.numel() * p.element_size() > limit:
-                runs.append(run)
-                run, size = [], 0
+        for n, p in named:  # a bucket closes once it reaches its limit (as torch DDP's)
             run.append((n, p))
             size += p.numel() * p.element_size()
+            if size >= (first_limit if not runs else limit):
+                runs.append(run)
+                run, size = [], 0
         if run:
             runs.append(run)
         self.buckets = []
