@@ -58,6 +58,10 @@ def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iter
 
     if os.environ.get("XTRAIN_SEGMENT_BYTES"):  # for tuning the pipeline depth
         ring.SEGMENT_BYTES = int(os.environ["XTRAIN_SEGMENT_BYTES"])
+    if os.environ.get("XTRAIN_SCATTER_RING_MAX_BYTES"):  # for tuning broadcast's switch to the chain
+        import xtrain.comm.tree as tree
+
+        tree.SCATTER_RING_MAX_BYTES = int(os.environ["XTRAIN_SCATTER_RING_MAX_BYTES"])
     torch.manual_seed(rank)
     dtype = getattr(torch, dtype_name)
     esize = torch.tensor([], dtype=dtype).element_size()

@@ -159,6 +159,11 @@ def _run_case(comm, case: Case, groups, me_global: int) -> str | None:
     n, me = len(ranks), ranks.index(me_global)
     ring.SEGMENT_BYTES = case.seg_bytes
     tree.TREE_MAX_BYTES = case.tree_max
+    # Where the tree is switched off, broadcast takes each of its other shapes in turn
+    # (star, scatter + ring, chain); otherwise the default size thresholds apply.
+    forced = case.tree_max == 0
+    tree.STAR_MAX_BYTES = (1 << 62 if case.seed % 3 == 0 else 0) if forced else 2 << 20
+    tree.SCATTER_RING_MAX_BYTES = (1 << 62 if case.seed % 3 == 1 else 0) if forced else 16 << 20
     dt = _dtype(case.dtype)
     red = _red(case.red)
     root = ranks[case.root % n]
@@ -566,7 +571,7 @@ def test_scratch_buffers_are_reused_exclusively_and_bounded():
     scratch.clear()
 
 
-def test_broadcast_tree_or_chain_follows_the_cost_model():
+def test_broadcast_shape_follows_the_cost_model_and_thresholds():
     from xtrain.comm import ring, tree
 
     seg = ring.SEGMENT_BYTES
@@ -574,3 +579,15 @@ def test_broadcast_tree_or_chain_follows_the_cost_model():
     assert not tree.use_tree(2 * seg, 4, 4)  # two segments: chain 4 half-times = tree's 4
     assert tree.use_tree(64 << 20, 2, 4)  # two ranks: one message either way
     assert tree.use_tree(2 * seg, 8, 4) and not tree.use_tree(3 * seg, 8, 4)
+    # broadcast on gloo (receives posted ahead): tree, star, scatter + ring, chain by size
+    mib = 1 << 20
+    assert tree.broadcast_shape(64 << 10, 4, 4) == "tree"
+    assert tree.broadcast_shape((64 << 10) + 4, 4, 4) == "star"
+    assert tree.broadcast_shape(2 * mib, 4, 4) == "star"
+    assert tree.broadcast_shape(2 * mib + 4, 4, 4) == "scatter_ring"
+    assert tree.broadcast_shape(16 * mib, 4, 4) == "scatter_ring"
+    assert tree.broadcast_shape(16 * mib + 4, 4, 4) == "chain"
+    assert tree.broadcast_shape(64 * mib, 2, 4) == "tree"
+    # without posting ahead (NCCL) only the tree and the chain, as the cost model says
+    assert tree.broadcast_shape(2 * mib, 4, 4, post_ahead=False) == "tree"
+    assert tree.broadcast_shape(2 * seg, 4, 4, post_ahead=False) == "chain"

@@ -11,6 +11,8 @@ chunk or message, S divisible by n):
 | all_gather (ring) | (n-1)/n S | (n-1) m |
 | all_to_all (pairwise) | (n-1)/n S | n-1 |
 | broadcast, tree | children(v) S; root ceil(log2 n) S | children(v) |
+| broadcast, star | root (n-1) S | root n-1 |
+| broadcast, scatter + ring | root 2(n-1)/n S; last rank 0; others (n-1)/n S | (bytes / (S/n)) m |
 | broadcast, chain | S except the last rank | m except the last rank |
 | reduce, tree / chain | S except the root | 1 / m except the root |
 | gather / scatter | S/n (root: receives / sends (n-1)/n S) | 1 / root n-1 |
@@ -53,8 +55,11 @@ def _ledger_worker(rank: int, world: int, segment_bytes: int):
     comm.scatter(torch.empty(k // n), [torch.ones(k // n) for _ in range(n)] if rank == 0 else None, src=0)
     comm.barrier()
     out = {"flat": rows(comm, ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "gather", "scatter", "barrier"))}
-    for shape, threshold in (("tree", 1 << 40), ("chain", 0)):
-        tree.TREE_MAX_BYTES = threshold
+    big = 1 << 40
+    for shape, tree_max, star_max, sr_max in (
+        ("tree", big, 0, 0), ("star", 0, big, 0), ("scatter_ring", 0, 0, big), ("chain", 0, 0, 0)
+    ):
+        tree.TREE_MAX_BYTES, tree.STAR_MAX_BYTES, tree.SCATTER_RING_MAX_BYTES = tree_max, star_max, sr_max
         comm = get_comm("xtrain")
         comm.broadcast(torch.ones(k), src=0)
         comm.reduce(torch.ones(k), dst=0)
@@ -103,6 +108,16 @@ def test_ledger_bytes_and_messages_match_formulas(n):
         assert red["bytes_recv"] == kids * S and red["bytes_sent"] == (0 if r == 0 else S)
         if r == 0:
             assert kids == rounds  # the root sends ceil(log2 n) copies
+        # star from root 0: the root sends S to each other rank
+        b = o["star"]["broadcast"]
+        assert b["bytes_sent"] == ((n - 1) * S if r == 0 else 0) and b["bytes_recv"] == (0 if r == 0 else S)
+        assert b["messages"] == (n - 1 if r == 0 else 0)
+        # scatter + ring from root 0: the root scatters (n-1)/n S and sends (n-1)/n S to rank 1;
+        # ranks 1..n-2 forward (n-1)/n S, the last rank nothing; m segments per chunk
+        b = o["scatter_ring"]["broadcast"]
+        sent = 2 * (n - 1) * chunk if r == 0 else (0 if r == n - 1 else (n - 1) * chunk)
+        assert b["bytes_sent"] == sent and b["bytes_recv"] == (0 if r == 0 else S)
+        assert b["messages"] == sent // chunk * m
         # chains from / to root 0: 0 -> 1 -> ... -> n-1
         m_full = math.ceil(S / seg)
         b = o["chain"]["broadcast"]
