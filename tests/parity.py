@@ -54,9 +54,3 @@ def assert_parity(reference, candidate, loss_rtol=1e-5, param_atol=1e-5, label="
         for name, ref in ref_params.items():
             diff = (params[name] - ref).abs().max().item()
             assert diff <= param_atol, f"{label}: parameter {name} differs by {diff:.3g}"
-
-
-def strategy_overrides(base: list[str], strategy: str, comm: str, *extra: str) -> list[str]:
-    return [*base, f"strategy={strategy}", f"comm={comm}", *extra]
-
-

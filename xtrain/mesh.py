@@ -69,6 +69,7 @@ class Mesh:
     _group_ranks: dict[tuple[str, ...], list[int]] = field(default_factory=dict, repr=False)
     _by_partition: dict[tuple, object] = field(default_factory=dict, repr=False)
     _timeout: object = field(default=None, repr=False)
+    _coords: dict | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, world_size: int, rank: int, combos=(("dp", "cp"),), timeout=None, **degrees) -> "Mesh":
@@ -90,8 +91,9 @@ class Mesh:
     # -- coordinates ---------------------------------------------------
     @property
     def coords(self) -> dict[str, int]:
-        idx = (self.grid == self.rank).nonzero()[0].tolist()
-        return dict(zip(AXES, idx))
+        if self._coords is None:  # read every step (batch slicing, loss weight): compute once
+            self._coords = dict(zip(AXES, (self.grid == self.rank).nonzero()[0].tolist()))
+        return dict(self._coords)
 
     def coord(self, axis: str) -> int:
         return self.coords[axis]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import sys
 from pathlib import Path
 
 import torch
@@ -120,7 +119,3 @@ def _start_wandb(cfg, run_dir: Path):
         mode=mode,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-
-
-def stderr_console() -> Console:
-    return Console(file=sys.stderr)

@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import hydra
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from xtrain import checkpoint

@@ -62,8 +62,3 @@ def group_ranks(group=None) -> list[int]:
     if group is SOLO or not dist.is_initialized():
         return [dist.get_rank() if dist.is_initialized() else 0]
     return dist.get_process_group_ranks(group or dist.group.WORLD)
-
-
-def is_trivial(group) -> bool:
-    """True when a collective on ``group`` has nothing to move."""
-    return group_size(group) == 1

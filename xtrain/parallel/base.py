@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from xtrain.checkpoint import OPTIM_KEYS, optim_to_flat_dict
 from xtrain.comm import SOLO, Comm, ReduceOp
+from xtrain.data import split_micro
 from xtrain.mesh import Mesh
 from xtrain.optim import build_optimizer
 from xtrain.parallel.tensor import (
@@ -97,7 +98,7 @@ class Strategy:
         batch; gradients accumulate as the mean over all of them. Returns the
         mean loss (detached). Only the last micro-batch may communicate."""
         total = torch.zeros((), device=x.device)
-        xs, ys = x.chunk(micro_batches), y.chunk(micro_batches)
+        xs, ys = split_micro(x, micro_batches), split_micro(y, micro_batches)
         for i, (xb, yb) in enumerate(zip(xs, ys)):
             sync = i == micro_batches - 1
             with (contextlib.nullcontext() if sync else self.no_sync(model)):
