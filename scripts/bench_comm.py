@@ -4,10 +4,13 @@
     python scripts/bench_comm.py --nproc 4 [--plot [PNG]] [--markdown MD]
 
 For message sizes from 1 KB to 64 MB (doubling) and each collective, both
-implementations run in the same job, interleaved iteration by iteration
+implementations run in the same job, interleaved round by round
 (alternating which goes first), so that oversubscribed cores slow both
-alike. One iteration's time is the slowest rank's, between a barrier and
-the collective's return; the table shows the median over iterations.
+alike. A round times, as nccl-tests does, ``--batch`` calls issued back to
+back after a barrier, and divides by their number; the round's time is the
+slowest rank's, and the table shows the median over rounds. ``--batch 1``
+times single calls between barriers (the latency of one isolated call,
+which on oversubscribed cores includes the ranks' skew leaving the barrier).
 
 Columns follow nccl-tests: ``size`` is the largest buffer (the full tensor
 of all_reduce/broadcast, the gathered output of all_gather, the input of
@@ -15,6 +18,10 @@ reduce_scatter, the whole send buffer of all_to_all); ``algbw = size /
 time``; ``busbw = algbw * factor`` with nccl-tests' factors (all_reduce
 2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast,
 reduce 1), so busbw compares with the link speed whatever n is.
+
+``cpu us`` is the CPU time per call of a rank's process (all its threads,
+gloo's event loop included; mean over ranks): on oversubscribed cores the
+ranks share the CPU, so what one spends the others wait for.
 """
 
 from __future__ import annotations
@@ -42,11 +49,35 @@ def bus_factor(op: str, n: int) -> float:
     return 1.0
 
 
-def _iterations(size: int, budget: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, budget // max(size, 1)))
+def _rounds(size: int, batch: int, budget: int, lo: int, hi: int) -> int:
+    """Rounds for one size: ``budget`` bytes per implementation, within [lo, hi]."""
+    return max(lo, min(hi, budget // max(size * batch, 1)))
 
 
-def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iters, dtype_name):
+def _batch(size: int, batch: int) -> int:
+    """Calls per round: ``batch``, but at most what keeps a round's data near 64 MB."""
+    return max(1, min(batch, (64 << 20) // max(size, 1)))
+
+
+def _refill(t, n: int, calls: int) -> None:
+    """Fresh values for ``calls`` in-place sums over ``n`` ranks that stay finite and normal.
+
+    The first sum scales typical values by about sqrt(n), each later one by n
+    (the ranks then hold equal values), so they start at n^(-(calls - 1/2)/2)
+    and end about as far above 1. float16's exponent is too narrow for that
+    (the start would be subnormal, and subnormal arithmetic is slow on CPUs):
+    it gets zeros.
+    """
+    import torch
+
+    start = n ** (-(calls - 0.5) / 2)
+    if torch.finfo(t.dtype).tiny > start / 1e3:
+        t.zero_()
+    else:
+        t.normal_().mul_(start)
+
+
+def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iters, dtype_name, batch):
     import torch
     import torch.distributed as dist
 
@@ -62,6 +93,10 @@ def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iter
         import xtrain.comm.tree as tree
 
         tree.SCATTER_RING_MAX_BYTES = int(os.environ["XTRAIN_SCATTER_RING_MAX_BYTES"])
+    if os.environ.get("XTRAIN_A2A_RECVS_FIRST"):  # all-to-all's posting order, for measurement
+        import xtrain.comm.direct as direct
+
+        direct.SENDS_FIRST = False
     torch.manual_seed(rank)
     dtype = getattr(torch, dtype_name)
     esize = torch.tensor([], dtype=dtype).element_size()
@@ -92,27 +127,36 @@ def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iter
                 elif op == "all_to_all":
                     comm.all_to_all_single(out_big, big)
 
-            iters = _iterations(count * esize, budget, min_iters, max_iters)
+            calls = _batch(count * esize, batch)
+            rounds = _rounds(count * esize, calls, budget, min_iters, max_iters)
             times = {name: [] for name in comms}
-            for it in range(iters + 1):  # the first round warms up and is dropped
+            cpu = {name: [] for name in comms}
+            for it in range(rounds + 1):  # the first round warms up and is dropped
                 order = ("xtrain", "torch") if it % 2 else ("torch", "xtrain")
                 for name in order:
                     if op in ("all_reduce", "reduce"):
-                        big.normal_()  # keep sums from growing without bound
+                        _refill(big, n, calls)
                     dist.barrier()
-                    t0 = time.perf_counter()
-                    call(comms[name])
-                    dt = time.perf_counter() - t0
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    for _ in range(calls):
+                        call(comms[name])
+                    dt = (time.perf_counter() - t0) / calls
                     if it:
                         times[name].append(dt)
-            out[(op, count * esize)] = times
+                        cpu[name].append((time.process_time() - c0) / calls)
+            out[(op, count * esize)] = (times, cpu)
     return out
 
 
 def _median_over_ranks(per_rank, key, name):
-    """Per iteration the slowest rank's time; then the median over iterations."""
-    iters = zip(*(r[key][name] for r in per_rank))
-    return statistics.median(max(t) for t in iters)
+    """Per round the slowest rank's time; then the median over rounds."""
+    rounds = zip(*(r[key][0][name] for r in per_rank))
+    return statistics.median(max(t) for t in rounds)
+
+
+def _cpu_per_call(per_rank, key, name):
+    """CPU seconds (all of a rank's threads, gloo's included) per call: mean over ranks of the median round."""
+    return statistics.mean(statistics.median(r[key][1][name]) for r in per_rank)
 
 
 def _human(nbytes: int) -> str:
@@ -122,9 +166,9 @@ def _human(nbytes: int) -> str:
     return str(nbytes)
 
 
-def run(nproc, ops, sizes, budget, min_iters, max_iters, dtype):
+def run(nproc, ops, sizes, budget, min_iters, max_iters, dtype, batch=20):
     per_rank = run_on_ranks(
-        _bench_worker, nproc, ops, sizes, budget, min_iters, max_iters, dtype, timeout=3000, pg_timeout=300
+        _bench_worker, nproc, ops, sizes, budget, min_iters, max_iters, dtype, batch, timeout=3000, pg_timeout=300
     )
     rows = []
     for key in per_rank[0]:
@@ -134,6 +178,7 @@ def run(nproc, ops, sizes, budget, min_iters, max_iters, dtype):
             t = _median_over_ranks(per_rank, key, name)
             algbw = size / t / 1e9
             row[name] = (t, algbw, algbw * bus_factor(op, nproc))
+            row[name + "_cpu"] = _cpu_per_call(per_rank, key, name)
         row["ratio"] = row["xtrain"][2] / row["torch"][2]
         rows.append(row)
     return rows
@@ -147,16 +192,17 @@ def text_table(rows, nproc, dtype) -> str:
     for op in dict.fromkeys(r["op"] for r in rows):
         lines.append(f"# {op}  nranks {nproc}  dtype {dtype}  (busbw factor {bus_factor(op, nproc):.3f})")
         lines.append(
-            f"#{'size':>9} {'count':>10} | {'xtrain us':>11} {'algbw':>7} {'busbw':>7} | "
-            f"{'torch us':>11} {'algbw':>7} {'busbw':>7} | {'ratio':>6}"
+            f"#{'size':>9} {'count':>10} | {'xtrain us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | "
+            f"{'torch us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | {'ratio':>6}"
         )
         for r in rows:
             if r["op"] != op:
                 continue
             (tx, ax, bx), (tt, at, bt) = r["xtrain"], r["torch"]
+            cx, ct = r["xtrain_cpu"], r["torch_cpu"]
             lines.append(
-                f"{_human(r['size']):>10} {r['size'] // esize:>10} | {tx * 1e6:>11.1f} {ax:>7.3f} {bx:>7.3f} | "
-                f"{tt * 1e6:>11.1f} {at:>7.3f} {bt:>7.3f} | {r['ratio']:>6.2f}"
+                f"{_human(r['size']):>10} {r['size'] // esize:>10} | {tx * 1e6:>11.1f} {cx * 1e6:>9.0f} {ax:>7.3f} {bx:>7.3f} | "
+                f"{tt * 1e6:>11.1f} {ct * 1e6:>9.0f} {at:>7.3f} {bt:>7.3f} | {r['ratio']:>6.2f}"
             )
         lines.append("")
     return "\n".join(lines)
@@ -174,13 +220,15 @@ def summary(rows, min_size=1 << 20) -> dict[str, float]:
 
 def markdown_table(rows) -> str:
     lines = [
-        "| collective | size | xtrain time (us) | xtrain busbw (GB/s) | torch time (us) | torch busbw (GB/s) | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| collective | size | xtrain time (us) | xtrain CPU (us) | xtrain busbw (GB/s) "
+        "| torch time (us) | torch CPU (us) | torch busbw (GB/s) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         (tx, _, bx), (tt, _, bt) = r["xtrain"], r["torch"]
         lines.append(
-            f"| {r['op']} | {_human(r['size'])} | {tx * 1e6:.0f} | {bx:.3f} | {tt * 1e6:.0f} | {bt:.3f} | {r['ratio']:.2f} |"
+            f"| {r['op']} | {_human(r['size'])} | {tx * 1e6:.0f} | {r['xtrain_cpu'] * 1e6:.0f} | {bx:.3f} "
+            f"| {tt * 1e6:.0f} | {r['torch_cpu'] * 1e6:.0f} | {bt:.3f} | {r['ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -227,9 +275,11 @@ def main(argv=None):
     p.add_argument("--min-bytes", type=_size, default=1 << 10)
     p.add_argument("--max-bytes", type=_size, default=64 << 20)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--budget", type=_size, default=256 << 20, help="bytes per size and implementation (sets iterations)")
-    p.add_argument("--min-iters", type=int, default=7)
-    p.add_argument("--max-iters", type=int, default=30)
+    p.add_argument("--batch", type=int, default=20,
+                   help="calls timed back to back per round (fewer for large sizes: about 64 MB a round)")
+    p.add_argument("--budget", type=_size, default=1 << 30, help="bytes per size and implementation (sets rounds)")
+    p.add_argument("--min-iters", type=int, default=7, help="fewest rounds per size")
+    p.add_argument("--max-iters", type=int, default=15, help="most rounds per size")
     p.add_argument("--plot", nargs="?", const=str(ROOT / "docs/img/collectives_busbw.png"), default=None,
                    help="write a PNG of busbw against size (default docs/img/collectives_busbw.png)")
     p.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
@@ -241,7 +291,7 @@ def main(argv=None):
         sizes.append(s)
         s *= 2
     t0 = time.perf_counter()
-    rows = run(args.nproc, args.ops, sizes, args.budget, args.min_iters, args.max_iters, args.dtype)
+    rows = run(args.nproc, args.ops, sizes, args.budget, args.min_iters, args.max_iters, args.dtype, args.batch)
     print(text_table(rows, args.nproc, args.dtype))
     print(f"# median busbw ratio xtrain/torch over sizes >= 1M ({args.nproc} ranks):")
     for op, ratio in summary(rows).items():

@@ -152,12 +152,14 @@ def _a2a_matrix(case: Case, n: int) -> list[list[int]]:
 
 def _run_case(comm, case: Case, groups, me_global: int) -> str | None:
     """Run one case with xtrain and with torch; return a description of any disagreement."""
+    import xtrain.comm.direct as direct
     import xtrain.comm.ring as ring
     import xtrain.comm.tree as tree
 
     ranks, gx, gt = groups
     n, me = len(ranks), ranks.index(me_global)
     ring.SEGMENT_BYTES = case.seg_bytes
+    direct.SENDS_FIRST = case.seed % 2 == 0  # all-to-all's two posting orders, case by case
     tree.TREE_MAX_BYTES = case.tree_max
     # Where the tree is switched off, broadcast takes each of its other shapes in turn
     # (star, scatter + ring, chain); otherwise the default size thresholds apply.

@@ -5,11 +5,10 @@
   Cost: (n-1) alpha + (n-1) S_piece beta at the root.
 - all-to-all: pairwise exchange (Thakur, Rabenseifner & Gropp 2005): in
   step k = 1..n-1 rank r sends its block for r+k and receives from r-k. All
-  steps are posted at once, every receive before any send (gloo sends a
-  message only once its receive is announced), so the transport overlaps
-  them; per rank, the
+  steps are posted at once, so the transport overlaps them; per rank, the
   bytes sent are the blocks for the other ranks, (n-1)/n S for equal splits.
-  Cost: (n-1)(alpha + S/n beta).
+  Cost: (n-1)(alpha + S/n beta). On gloo every send is posted before any
+  receive (see ``all_to_all``).
 - barrier: dissemination (Hensgen, Finkel & Manber 1988): in round i every
   rank signals rank r+2^i and waits for r-2^i; after ceil(log2 n) rounds
   each rank has heard, transitively, from all. Cost: ceil(log2 n) alpha.
@@ -20,6 +19,10 @@ from __future__ import annotations
 import torch
 
 from xtrain.comm.p2p import Channel
+
+# Post all-to-all's sends before its receives where the backend posts messages
+# one by one (gloo); a switch for measurements (scripts/bench_comm.py).
+SENDS_FIRST = True
 
 
 def gather(ch: Channel, piece: torch.Tensor, outputs: list[torch.Tensor] | None, root: int) -> None:
@@ -45,9 +48,16 @@ def all_to_all(ch: Channel, outputs: list[torch.Tensor], inputs: list[torch.Tens
     n, r = ch.size, ch.rank
     sends = [(inputs[(r + k) % n], (r + k) % n) for k in range(1, n)]
     recvs = [(outputs[(r - k) % n], (r - k) % n) for k in range(1, n)]
-    if ch.post_ahead:
-        # Receives first: on gloo a send goes out once its receive is announced,
-        # so every peer's send to us can start the moment it is posted.
+    if ch.post_ahead and SENDS_FIRST:
+        # Sends first, unlike the ring (whose data is not ready early): a send
+        # posted before the peer's "recv ready" notice arrives is written by
+        # gloo's event-loop thread when it does, while a send posted after it
+        # is written by this thread holding the pair's lock, which the loop
+        # thread busy-polls for. Sends first took 0.97-1.07 ms of CPU per call
+        # against 1.19-1.33 ms (4 ranks, 4-256 KB; docs/collectives.md).
+        works = [ch.send_to(t, p) for t, p in sends]
+        works += [ch.recv_from(t, p) for t, p in recvs]
+    elif ch.post_ahead:
         works = [ch.recv_from(t, p) for t, p in recvs]
         works += [ch.send_to(t, p) for t, p in sends]
     else:

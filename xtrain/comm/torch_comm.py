@@ -14,6 +14,10 @@ from torch.distributed import ReduceOp
 from xtrain.comm.base import Comm, nbytes
 from xtrain.comm.groups import SOLO, group_rank, group_ranks, group_size
 
+# Newer torch names these ``*_single`` and warns on the older names; older torch has only the older ones.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def _pg(group):
     return None if group is SOLO else group
@@ -54,7 +58,7 @@ class TorchComm(Comm):
             group,
             s,
             s,
-            lambda: dist.reduce_scatter_tensor(output, input, op=op, group=group, async_op=True),
+            lambda: _reduce_scatter(output, input, op=op, group=group, async_op=True),
             async_op,
         )
 
@@ -70,7 +74,7 @@ class TorchComm(Comm):
             group,
             s,
             s,
-            lambda: dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=True),
+            lambda: _all_gather(output_tensor, input_tensor, group=group, async_op=True),
             async_op,
         )
 
