@@ -80,6 +80,7 @@ class Case:
     seg_bytes: int = 1 << 20
     tree_max: int = 64 << 10
     seed: int = 0
+    nccl_style: bool = False  # post as on NCCL (p2p.NCCL_STYLE)
 
 
 # ---------------------------------------------------------------- inputs
@@ -153,11 +154,13 @@ def _a2a_matrix(case: Case, n: int) -> list[list[int]]:
 def _run_case(comm, case: Case, groups, me_global: int) -> str | None:
     """Run one case with xtrain and with torch; return a description of any disagreement."""
     import xtrain.comm.direct as direct
+    import xtrain.comm.p2p as p2p
     import xtrain.comm.ring as ring
     import xtrain.comm.tree as tree
 
     ranks, gx, gt = groups
     n, me = len(ranks), ranks.index(me_global)
+    p2p.NCCL_STYLE = case.nccl_style
     ring.SEGMENT_BYTES = case.seg_bytes
     direct.SENDS_FIRST = case.seed % 2 == 0  # all-to-all's two posting orders, case by case
     tree.TREE_MAX_BYTES = case.tree_max
@@ -443,6 +446,22 @@ def test_large_tensors_pipeline_on_4_ranks():
     _check(4, GROUPS_4, cases)
 
 
+@pytest.mark.timeout(200)
+def test_nccl_posting_discipline_over_gloo_on_4_ranks():
+    """The code path NCCL takes (batch_isend_irecv, each receive posted with its step's send,
+    broadcast by tree or chain), run over gloo: every op on every group, deep pipelines,
+    each dtype at awkward lengths, and MB-sized tensors."""
+    names = list(GROUPS_4)
+    cases = _every_op_every_group(names) + _matrix_cases(["world", "inner"], lengths=(0, 13, 1001))
+    cases += [
+        Case(op, dtype, (1 << 20) // _dtype(dtype).itemsize + 5, "world", red="MAX" if "int" in dtype else "SUM",
+             root=i, seg_bytes=64 << 10, tree_max=0, seed=i)
+        for i, dtype in enumerate(DTYPES)
+        for op in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "reduce", "all_to_all_single")
+    ]
+    _check(4, GROUPS_4, [dataclasses.replace(c, nccl_style=True) for c in cases])
+
+
 # ---- concurrency, failure
 
 
@@ -512,6 +531,29 @@ def test_absent_rank_fails_within_timeout_naming_op_and_group():
             assert f"{op} on group '{group}'" in msg, msg
             assert seconds < 2 * pg_timeout + 1, (rank, op, seconds)
         assert "CollectiveTimeout" in kinds, results
+
+
+def _recv_from_any_worker(rank: int, world: int):
+    """Ranks 1..n-1 send their rank to rank 0, which receives from any source, with each comm."""
+    senders = {}
+    for name in ("xtrain", "torch"):
+        comm = get_comm(name)
+        box = torch.tensor([float(rank)])
+        if rank:
+            comm.send(box, 0, tag=5)
+            continue
+        got = []
+        for _ in range(world - 1):
+            src = comm.recv(box, tag=5)
+            got.append((src, int(box.item())))
+        senders[name] = sorted(got)
+    return senders
+
+
+def test_recv_from_any_source_returns_the_sender():
+    results = run_on_ranks(_recv_from_any_worker, 3, timeout=60)
+    for name in ("xtrain", "torch"):
+        assert results[0][name] == [(1, 1), (2, 2)], (name, results[0])
 
 
 # ---- single-process behaviour (no process group)

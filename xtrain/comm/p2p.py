@@ -67,6 +67,11 @@ def _next_tag(pg) -> int:
 # Post receives ahead of their sends where the backend allows it (switch for measurements).
 POST_AHEAD = True
 
+# Post every message as on NCCL (batch_isend_irecv, each receive together with
+# its step's send) whatever the backend: a switch for tests, which run NCCL's
+# posting discipline over gloo on CPU.
+NCCL_STYLE = False
+
 _direct_p2p: dict[int, bool] = {}
 
 
@@ -78,6 +83,8 @@ def _uses_direct_p2p(pg) -> bool:
     ring posts thousands of messages, so it calls those directly. Backends
     that coalesce (NCCL) keep ``batch_isend_irecv``.
     """
+    if NCCL_STYLE:
+        return False
     key = id(pg)
     if key not in _direct_p2p:
         try:

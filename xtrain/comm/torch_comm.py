@@ -186,8 +186,15 @@ class TorchComm(Comm):
         self.isend(tensor, dst, group, tag).wait()
 
     def recv(self, tensor, src=None, group=None, tag=0):
-        self.irecv(tensor, src, group, tag).wait()
-        return src
+        """Blocking receive; returns the sender's global rank (any sender when ``src`` is None)."""
+        sender = []
+
+        def run():
+            sender.append(dist.recv(tensor, src, group=_pg(group), tag=tag))
+            return _done
+
+        self._timed("recv", group, 0, nbytes(tensor), run, False)
+        return sender[0]
 
     def isend(self, tensor, dst, group=None, tag=0):
         return self._issue(
