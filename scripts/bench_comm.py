@@ -19,6 +19,11 @@ time``; ``busbw = algbw * factor`` with nccl-tests' factors (all_reduce
 2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast,
 reduce 1), so busbw compares with the link speed whatever n is.
 
+``#wrong`` (as in nccl-tests) counts, over all ranks, the elements of xtrain's
+result that differ from torch's for one call each on the same inputs: it
+must be 0 (exact for the collectives that move data, within float round-off
+for sums).
+
 ``cpu us`` is the CPU time per call of a rank's process (all its threads,
 gloo's event loop included; mean over ranks): on oversubscribed cores the
 ranks share the CPU, so what one spends the others wait for.
@@ -65,13 +70,13 @@ def _refill(t, n: int, calls: int) -> None:
     The first sum scales typical values by about sqrt(n), each later one by n
     (the ranks then hold equal values), so they start at n^(-(calls - 1/2)/2)
     and end about as far above 1. float16's exponent is too narrow for that
-    (the start would be subnormal, and subnormal arithmetic is slow on CPUs):
-    it gets zeros.
+    (the start would be subnormal, and subnormal arithmetic is slow on CPUs),
+    and integers would overflow: they get zeros.
     """
     import torch
 
     start = n ** (-(calls - 0.5) / 2)
-    if torch.finfo(t.dtype).tiny > start / 1e3:
+    if not t.dtype.is_floating_point or torch.finfo(t.dtype).tiny > start / 1e3:
         t.zero_()
     else:
         t.normal_().mul_(start)
@@ -114,19 +119,26 @@ def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iter
             out_part = torch.empty(count // n, dtype=dtype)
 
             def call(comm):
+                """One call; returns the tensor it wrote (the result on every rank)."""
                 if op == "all_reduce":
                     comm.all_reduce(big)
-                elif op == "all_gather":
+                    return big
+                if op == "all_gather":
                     comm.all_gather_into_tensor(out_big, part)
-                elif op == "reduce_scatter":
+                    return out_big
+                if op == "reduce_scatter":
                     comm.reduce_scatter_tensor(out_part, big)
-                elif op == "broadcast":
+                    return out_part
+                if op == "broadcast":
                     comm.broadcast(big, src=0)
-                elif op == "reduce":
+                    return big
+                if op == "reduce":
                     comm.reduce(big, dst=0)
-                elif op == "all_to_all":
-                    comm.all_to_all_single(out_big, big)
+                    return big if rank == 0 else big[:0]
+                comm.all_to_all_single(out_big, big)
+                return out_big
 
+            wrong = _wrong(call, comms, big, (out_big, out_part), op, n)
             calls = _batch(count * esize, batch)
             rounds = _rounds(count * esize, calls, budget, min_iters, max_iters)
             times = {name: [] for name in comms}
@@ -144,14 +156,42 @@ def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iter
                     if it:
                         times[name].append(dt)
                         cpu[name].append((time.process_time() - c0) / calls)
-            out[(op, count * esize)] = (times, cpu)
+            out[(op, count * esize)] = (times, cpu, wrong)
     return out
+
+
+def _wrong(call, comms, big, outputs, op: str, n: int) -> int:
+    """Elements of xtrain's result that differ from torch's, one call each on the same inputs
+    (nccl-tests' ``#wrong``): exact for the collectives that move data, within float
+    round-off of n-term sums for the reducing ones. The output buffers are filled
+    with a sentinel before each call, so an element left unwritten counts."""
+    import torch
+
+    start = big.clone()
+    got = {}
+    for name, comm in comms.items():
+        big.copy_(start)
+        for o in outputs:
+            o.fill_(-7)
+        got[name] = call(comm).clone()
+    big.copy_(start)
+    x, t = got["xtrain"].double(), got["torch"].double()
+    if op in ("all_reduce", "reduce_scatter", "reduce"):
+        tol = 4 * n * torch.finfo(big.dtype).eps if big.dtype.is_floating_point else 0.0
+        bad = (x - t).abs() > tol * (1 + t.abs())
+    else:
+        bad = x != t
+    return int(bad.sum())
 
 
 def _median_over_ranks(per_rank, key, name):
     """Per round the slowest rank's time; then the median over rounds."""
     rounds = zip(*(r[key][0][name] for r in per_rank))
     return statistics.median(max(t) for t in rounds)
+
+
+def _wrong_over_ranks(per_rank, key) -> int:
+    return sum(r[key][2] for r in per_rank)
 
 
 def _cpu_per_call(per_rank, key, name):
@@ -180,6 +220,7 @@ def run(nproc, ops, sizes, budget, min_iters, max_iters, dtype, batch=20):
             row[name] = (t, algbw, algbw * bus_factor(op, nproc))
             row[name + "_cpu"] = _cpu_per_call(per_rank, key, name)
         row["ratio"] = row["xtrain"][2] / row["torch"][2]
+        row["wrong"] = _wrong_over_ranks(per_rank, key)
         rows.append(row)
     return rows
 
@@ -193,7 +234,7 @@ def text_table(rows, nproc, dtype) -> str:
         lines.append(f"# {op}  nranks {nproc}  dtype {dtype}  (busbw factor {bus_factor(op, nproc):.3f})")
         lines.append(
             f"#{'size':>9} {'count':>10} | {'xtrain us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | "
-            f"{'torch us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | {'ratio':>6}"
+            f"{'torch us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | {'ratio':>6} {'#wrong':>6}"
         )
         for r in rows:
             if r["op"] != op:
@@ -202,7 +243,7 @@ def text_table(rows, nproc, dtype) -> str:
             cx, ct = r["xtrain_cpu"], r["torch_cpu"]
             lines.append(
                 f"{_human(r['size']):>10} {r['size'] // esize:>10} | {tx * 1e6:>11.1f} {cx * 1e6:>9.0f} {ax:>7.3f} {bx:>7.3f} | "
-                f"{tt * 1e6:>11.1f} {ct * 1e6:>9.0f} {at:>7.3f} {bt:>7.3f} | {r['ratio']:>6.2f}"
+                f"{tt * 1e6:>11.1f} {ct * 1e6:>9.0f} {at:>7.3f} {bt:>7.3f} | {r['ratio']:>6.2f} {r['wrong']:>6}"
             )
         lines.append("")
     return "\n".join(lines)
@@ -221,14 +262,14 @@ def summary(rows, min_size=1 << 20) -> dict[str, float]:
 def markdown_table(rows) -> str:
     lines = [
         "| collective | size | xtrain time (us) | xtrain CPU (us) | xtrain busbw (GB/s) "
-        "| torch time (us) | torch CPU (us) | torch busbw (GB/s) | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| torch time (us) | torch CPU (us) | torch busbw (GB/s) | ratio | #wrong |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         (tx, _, bx), (tt, _, bt) = r["xtrain"], r["torch"]
         lines.append(
             f"| {r['op']} | {_human(r['size'])} | {tx * 1e6:.0f} | {r['xtrain_cpu'] * 1e6:.0f} | {bx:.3f} "
-            f"| {tt * 1e6:.0f} | {r['torch_cpu'] * 1e6:.0f} | {bt:.3f} | {r['ratio']:.2f} |"
+            f"| {tt * 1e6:.0f} | {r['torch_cpu'] * 1e6:.0f} | {bt:.3f} | {r['ratio']:.2f} | {r['wrong']} |"
         )
     return "\n".join(lines)
 
@@ -296,13 +337,16 @@ def main(argv=None):
     print(f"# median busbw ratio xtrain/torch over sizes >= 1M ({args.nproc} ranks):")
     for op, ratio in summary(rows).items():
         print(f"#   {op:<15} {ratio:.2f}")
+    wrong = sum(r["wrong"] for r in rows)
+    print(f"# elements where xtrain's result differs from torch's: {wrong} {'OK' if not wrong else 'FAILED'}")
     print(f"# wall time {time.perf_counter() - t0:.0f} s")
     if args.markdown:
         Path(args.markdown).write_text(markdown_table(rows) + "\n")
     if args.plot:
         plot(rows, args.nproc, Path(args.plot))
         print(f"# plot written to {args.plot}")
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
