@@ -536,15 +536,15 @@ def test_absent_rank_fails_within_timeout_naming_op_and_group():
 def _recv_from_any_worker(rank: int, world: int):
     """Ranks 1..n-1 send their rank to rank 0, which receives from any source, with each comm."""
     senders = {}
-    for name in ("xtrain", "torch"):
+    for tag, name in enumerate(("xtrain", "torch"), start=5):  # a tag each: the phases must not match
         comm = get_comm(name)
         box = torch.tensor([float(rank)])
         if rank:
-            comm.send(box, 0, tag=5)
+            comm.send(box, 0, tag=tag)
             continue
         got = []
         for _ in range(world - 1):
-            src = comm.recv(box, tag=5)
+            src = comm.recv(box, tag=tag)
             got.append((src, int(box.item())))
         senders[name] = sorted(got)
     return senders
