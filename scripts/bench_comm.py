@@ -19,6 +19,10 @@ time``; ``busbw = algbw * factor`` with nccl-tests' factors (all_reduce
 2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast,
 reduce 1), so busbw compares with the link speed whatever n is.
 
+``q25-q75`` are the quartiles of the ratio round by round (both
+implementations run in every round, so a round's ratio cancels what slowed
+the whole machine then): where they straddle 1 the two are not told apart.
+
 ``#wrong`` (as in nccl-tests) counts, over all ranks, the elements of xtrain's
 result that differ from torch's for one call each on the same inputs: it
 must be 0 (exact for the collectives that move data, within float round-off
@@ -184,10 +188,27 @@ def _wrong(call, comms, big, outputs, op: str, n: int) -> int:
     return int(bad.sum())
 
 
+def _round_times(per_rank, key, name) -> list[float]:
+    """Each round's time: the slowest rank's."""
+    return [max(t) for t in zip(*(r[key][0][name] for r in per_rank))]
+
+
 def _median_over_ranks(per_rank, key, name):
     """Per round the slowest rank's time; then the median over rounds."""
-    rounds = zip(*(r[key][0][name] for r in per_rank))
-    return statistics.median(max(t) for t in rounds)
+    return statistics.median(_round_times(per_rank, key, name))
+
+
+def _ratio_spread(per_rank, key) -> tuple[float, float]:
+    """Quartiles of the per-round busbw ratio (torch's round time over xtrain's, rounds paired).
+
+    Both run in every round, so a round's ratio cancels what slowed the whole
+    machine then; where the quartiles straddle 1 the two are not told apart.
+    """
+    ratios = [t / x for x, t in zip(_round_times(per_rank, key, "xtrain"), _round_times(per_rank, key, "torch"))]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q3
 
 
 def _wrong_over_ranks(per_rank, key) -> int:
@@ -221,6 +242,7 @@ def run(nproc, ops, sizes, budget, min_iters, max_iters, dtype, batch=20):
             row[name + "_cpu"] = _cpu_per_call(per_rank, key, name)
         row["ratio"] = row["xtrain"][2] / row["torch"][2]
         row["wrong"] = _wrong_over_ranks(per_rank, key)
+        row["spread"] = _ratio_spread(per_rank, key)
         rows.append(row)
     return rows
 
@@ -234,7 +256,7 @@ def text_table(rows, nproc, dtype) -> str:
         lines.append(f"# {op}  nranks {nproc}  dtype {dtype}  (busbw factor {bus_factor(op, nproc):.3f})")
         lines.append(
             f"#{'size':>9} {'count':>10} | {'xtrain us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | "
-            f"{'torch us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | {'ratio':>6} {'#wrong':>6}"
+            f"{'torch us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | {'ratio':>6} {'q25-q75':>10} {'#wrong':>6}"
         )
         for r in rows:
             if r["op"] != op:
@@ -243,7 +265,8 @@ def text_table(rows, nproc, dtype) -> str:
             cx, ct = r["xtrain_cpu"], r["torch_cpu"]
             lines.append(
                 f"{_human(r['size']):>10} {r['size'] // esize:>10} | {tx * 1e6:>11.1f} {cx * 1e6:>9.0f} {ax:>7.3f} {bx:>7.3f} | "
-                f"{tt * 1e6:>11.1f} {ct * 1e6:>9.0f} {at:>7.3f} {bt:>7.3f} | {r['ratio']:>6.2f} {r['wrong']:>6}"
+                f"{tt * 1e6:>11.1f} {ct * 1e6:>9.0f} {at:>7.3f} {bt:>7.3f} | {r['ratio']:>6.2f} "
+                f"{_spread_text(r['spread']):>10} {r['wrong']:>6}"
             )
         lines.append("")
     return "\n".join(lines)
@@ -259,17 +282,22 @@ def summary(rows, min_size=1 << 20) -> dict[str, float]:
     return out
 
 
+def _spread_text(spread: tuple[float, float]) -> str:
+    return f"{spread[0]:.2f}-{spread[1]:.2f}"
+
+
 def markdown_table(rows) -> str:
     lines = [
         "| collective | size | xtrain time (us) | xtrain CPU (us) | xtrain busbw (GB/s) "
-        "| torch time (us) | torch CPU (us) | torch busbw (GB/s) | ratio | #wrong |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| torch time (us) | torch CPU (us) | torch busbw (GB/s) | ratio | ratio q25-q75 | #wrong |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         (tx, _, bx), (tt, _, bt) = r["xtrain"], r["torch"]
         lines.append(
             f"| {r['op']} | {_human(r['size'])} | {tx * 1e6:.0f} | {r['xtrain_cpu'] * 1e6:.0f} | {bx:.3f} "
-            f"| {tt * 1e6:.0f} | {r['torch_cpu'] * 1e6:.0f} | {bt:.3f} | {r['ratio']:.2f} | {r['wrong']} |"
+            f"| {tt * 1e6:.0f} | {r['torch_cpu'] * 1e6:.0f} | {bt:.3f} | {r['ratio']:.2f} | {_spread_text(r['spread'])} "
+            f"| {r['wrong']} |"
         )
     return "\n".join(lines)
 

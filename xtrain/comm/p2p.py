@@ -164,16 +164,16 @@ class Channel:
             out = [self._post(True, t, peer, tag) for t, peer in sends]
             out += [self._post(False, t, peer, tag) for t, peer in recvs]
             return out
-        ops, slots = [], []
+        ops, slots = [], []  # P2POp takes global ranks (its group_peer is newer than torch 2.4)
         for t, peer in sends:
             if t.numel():
-                ops.append(dist.P2POp(dist.isend, t, group=self.pg, tag=tag, group_peer=peer))
+                ops.append(dist.P2POp(dist.isend, t, self.global_rank(peer), group=self.pg, tag=tag))
                 self.sent += t.numel() * t.element_size()
                 self.messages += 1
             slots.append(bool(t.numel()))
         for t, peer in recvs:
             if t.numel():
-                ops.append(dist.P2POp(dist.irecv, t, group=self.pg, tag=tag, group_peer=peer))
+                ops.append(dist.P2POp(dist.irecv, t, self.global_rank(peer), group=self.pg, tag=tag))
                 self.recv += t.numel() * t.element_size()
             slots.append(bool(t.numel()))
         works = dist.batch_isend_irecv(ops) if ops else []
