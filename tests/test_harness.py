@@ -1,7 +1,11 @@
 """The multi-process harness fails loudly and never hangs."""
 
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +43,43 @@ def test_hung_job_ends_in_a_timeout_error():
     with pytest.raises(RanksTimedOut, match=r"timed out after 8s; ranks \[0, 1\] had not finished"):
         run_on_ranks(_hang, 2, backend=None, timeout=8)
     assert time.monotonic() - t0 < 20
+
+
+def _note_pid_and_sleep(rank, world, folder):
+    Path(folder, f"rank{rank}.pid").write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_ranks_die_with_a_killed_parent(tmp_path):
+    """A harness parent killed from outside (SIGKILL: no cleanup runs) leaves no ranks running."""
+    launcher = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_harness; "
+        f"from xtrain.spawn import run_on_ranks; "
+        f"run_on_ranks(test_harness._note_pid_and_sleep, 2, {str(tmp_path)!r}, backend=None, timeout=120)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", launcher])
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2:
+            assert time.monotonic() < deadline and parent.poll() is None, "ranks did not start"
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.glob("rank*.pid")]
+        assert all(_alive(p) for p in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), f"ranks {pids} outlived their killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

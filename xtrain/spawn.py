@@ -10,7 +10,9 @@ Failure is loud and bounded:
   carries its traceback;
 - a job still running after ``timeout`` seconds is killed, and the error names
   the ranks that had not finished (a hung collective never hangs the caller);
-- a port taken between choosing and binding is retried on another port.
+- a port taken between choosing and binding is retried on another port;
+- on Linux a rank dies with the process that spawned it, so a test or
+  benchmark killed from outside leaves no ranks running.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -39,7 +43,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, env, queue):
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this rank when its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    Daemon processes are ended by a parent that exits normally, not by one that
+    is killed; without this its ranks would run on, holding the CPU.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent was gone before the call took effect
+        os._exit(1)
+
+
+def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, env, queue, parent_pid):
+    _die_with_parent(parent_pid)
     os.environ.update(env)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -116,7 +140,7 @@ def _run_once(fn, nprocs, args, backend, timeout, pg_timeout, env):
     procs = [
         ctx.Process(
             target=_worker,
-            args=(r, nprocs, port, backend, pg_timeout, fn, args, env, queue),
+            args=(r, nprocs, port, backend, pg_timeout, fn, args, env, queue, os.getpid()),
             name=f"xtrain-rank{r}",
             daemon=True,
         )
