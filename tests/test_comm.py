@@ -556,6 +556,26 @@ def test_recv_from_any_source_returns_the_sender():
         assert results[0][name] == [(1, 1), (2, 2)], (name, results[0])
 
 
+def _size_mismatch_worker(rank: int, world: int):
+    comm = get_comm("xtrain")
+    messages = []
+    for call in (lambda: comm.reduce_scatter_tensor(torch.empty(3), torch.empty(7)),
+                 lambda: comm.all_gather_into_tensor(torch.empty(7), torch.empty(3))):
+        with pytest.raises(ValueError) as e:
+            call()
+        messages.append(str(e.value))
+    return messages
+
+
+def test_size_mismatch_is_refused_before_any_message():
+    """gloo hangs on these until its timeout; xtrain refuses them at once on every rank."""
+    for messages in run_on_ranks(_size_mismatch_worker, 2, timeout=60):
+        assert messages == [
+            "reduce_scatter_tensor: input has 7 elements, expected group size 2 x output's 3",
+            "all_gather_into_tensor: output has 7 elements, expected group size 2 x input's 3",
+        ]
+
+
 # ---- single-process behaviour (no process group)
 
 

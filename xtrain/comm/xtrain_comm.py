@@ -127,12 +127,7 @@ class XtrainComm(Comm):
 
     def reduce_scatter_tensor(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
         reduce_ops.check(op, input.dtype)
-        n = group_size(group)
-        if input.numel() != n * output.numel():
-            raise ValueError(
-                f"reduce_scatter_tensor: input has {input.numel()} elements, expected group size {n} x "
-                f"output's {output.numel()}"
-            )
+        _check_n_times("reduce_scatter_tensor", "input", input, "output", output, group)
 
         def body(ch):
             out = _contiguous_buffer(output, keep_values=False)
@@ -156,12 +151,7 @@ class XtrainComm(Comm):
     # ---- gathers and broadcast ---------------------------------------------------
 
     def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
-        n = group_size(group)
-        if output_tensor.numel() != n * input_tensor.numel():
-            raise ValueError(
-                f"all_gather_into_tensor: output has {output_tensor.numel()} elements, expected group size {n} x "
-                f"input's {input_tensor.numel()}"
-            )
+        _check_n_times("all_gather_into_tensor", "output", output_tensor, "input", input_tensor, group)
 
         def body(ch):
             out = _contiguous_buffer(output_tensor, keep_values=False)
@@ -287,6 +277,15 @@ def _place(dst_flat: torch.Tensor, src: torch.Tensor) -> None:
     if dst_flat.numel() and dst_flat.data_ptr() == src.data_ptr() and src.is_contiguous():
         return
     dst_flat.copy_(src.reshape(-1))
+
+
+def _check_n_times(op: str, big_name: str, big, small_name: str, small, group) -> None:
+    """``big`` must hold group-size times ``small``'s elements (checked before any message moves)."""
+    n = group_size(group)
+    if big.numel() != n * small.numel():
+        raise ValueError(
+            f"{op}: {big_name} has {big.numel()} elements, expected group size {n} x {small_name}'s {small.numel()}"
+        )
 
 
 def _check_list(op: str, tensors, n: int, numel: int) -> None:
