@@ -28,6 +28,11 @@ result that differ from torch's for one call each on the same inputs: it
 must be 0 (exact for the collectives that move data, within float round-off
 for sums).
 
+Environment switches force one algorithm, for A/B runs: ``XTRAIN_ALL_REDUCE``
+(``ring`` or ``two_shot``; default ``auto``, by size), ``XTRAIN_A2A_RECVS_FIRST=1``
+(direct exchanges post receives first), ``XTRAIN_SEGMENT_BYTES``,
+``XTRAIN_SCATTER_RING_MAX_BYTES``.
+
 ``cpu us`` is the CPU time per call of a rank's process (all its threads,
 gloo's event loop included; mean over ranks): on oversubscribed cores the
 ranks share the CPU, so what one spends the others wait for.
@@ -36,6 +41,7 @@ ranks share the CPU, so what one spends the others wait for.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -90,11 +96,8 @@ def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iter
     import torch
     import torch.distributed as dist
 
-    from xtrain.comm import get_comm
-
-    import os
-
     import xtrain.comm.ring as ring
+    from xtrain.comm import get_comm
 
     if os.environ.get("XTRAIN_SEGMENT_BYTES"):  # for tuning the pipeline depth
         ring.SEGMENT_BYTES = int(os.environ["XTRAIN_SEGMENT_BYTES"])
@@ -102,10 +105,13 @@ def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iter
         import xtrain.comm.tree as tree
 
         tree.SCATTER_RING_MAX_BYTES = int(os.environ["XTRAIN_SCATTER_RING_MAX_BYTES"])
-    if os.environ.get("XTRAIN_A2A_RECVS_FIRST"):  # all-to-all's posting order, for measurement
-        import xtrain.comm.direct as direct
+    import xtrain.comm.direct as direct
 
+    if os.environ.get("XTRAIN_A2A_RECVS_FIRST"):  # direct exchanges' posting order, for measurement
         direct.SENDS_FIRST = False
+    algo = os.environ.get("XTRAIN_ALL_REDUCE", "auto")  # force all-reduce's algorithm, for measurement
+    if algo != "auto":
+        direct.TWO_SHOT_MIN_CHUNK_BYTES, direct.TWO_SHOT_MAX_CHUNK_BYTES = (0, 1 << 62) if algo == "two_shot" else (1 << 62, 0)
     torch.manual_seed(rank)
     dtype = getattr(torch, dtype_name)
     esize = torch.tensor([], dtype=dtype).element_size()
@@ -353,6 +359,8 @@ def main(argv=None):
                    help="write a PNG of busbw against size (default docs/img/collectives_busbw.png)")
     p.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = p.parse_args(argv)
+    if os.environ.get("XTRAIN_ALL_REDUCE", "auto") not in ("auto", "ring", "two_shot"):
+        p.error(f"XTRAIN_ALL_REDUCE={os.environ['XTRAIN_ALL_REDUCE']!r}: use auto, ring or two_shot")
 
     sizes = []
     s = args.min_bytes

@@ -162,7 +162,10 @@ def _run_case(comm, case: Case, groups, me_global: int) -> str | None:
     n, me = len(ranks), ranks.index(me_global)
     p2p.NCCL_STYLE = case.nccl_style
     ring.SEGMENT_BYTES = case.seg_bytes
-    direct.SENDS_FIRST = case.seed % 2 == 0  # all-to-all's two posting orders, case by case
+    direct.SENDS_FIRST = case.seed % 2 == 0  # direct exchanges' two posting orders, case by case
+    # all-reduce by ring or by two-shot (gloo only; NCCL keeps the ring), case by case
+    two_shot = case.seed // 2 % 2 == 1
+    direct.TWO_SHOT_MIN_CHUNK_BYTES, direct.TWO_SHOT_MAX_CHUNK_BYTES = (0, 1 << 62) if two_shot else (1 << 62, 0)
     tree.TREE_MAX_BYTES = case.tree_max
     # Where the tree is switched off, broadcast takes each of its other shapes in turn
     # (star, scatter + ring, chain); otherwise the default size thresholds apply.
@@ -633,6 +636,19 @@ def test_scratch_buffers_are_reused_exclusively_and_bounded():
     d, raw_d = scratch.take(10, torch.int64, torch.device("cpu"))
     assert raw_d.data_ptr() != big.data_ptr()
     scratch.clear()
+
+
+def test_all_reduce_takes_two_shot_for_mid_sizes_on_gloo_only():
+    from xtrain.comm.direct import use_two_shot
+
+    kib, mib = 1 << 10, 1 << 20
+    assert not use_two_shot(1 * mib - 4, 4)  # chunk under 256 KiB: ring
+    assert use_two_shot(1 * mib, 4) and use_two_shot(8 * mib, 4)
+    assert not use_two_shot(8 * mib + 4, 4)  # chunk over 2 MiB: ring
+    assert use_two_shot(16 * mib, 8) and not use_two_shot(1 * mib, 8)
+    assert use_two_shot(768 * kib, 3) and not use_two_shot(768 * kib - 3, 3)  # ceil(S/n) is the chunk
+    assert not use_two_shot(256 * kib, 1)
+    assert not use_two_shot(4 * mib, 4, post_ahead=False)  # NCCL: the ring
 
 
 def test_broadcast_shape_follows_the_cost_model_and_thresholds():

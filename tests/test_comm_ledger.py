@@ -7,6 +7,7 @@ chunk or message, S divisible by n):
 | collective | bytes sent | messages sent |
 |---|---|---|
 | all_reduce (ring) | 2(n-1)/n S | 2(n-1) m |
+| all_reduce (two-shot) | 2(n-1)/n S | 2(n-1) |
 | reduce_scatter (ring) | (n-1)/n S | (n-1) m |
 | all_gather (ring) | (n-1)/n S | (n-1) m |
 | all_to_all (pairwise) | (n-1)/n S | n-1 |
@@ -36,6 +37,7 @@ from xtrain.spawn import run_on_ranks
 
 def _ledger_worker(rank: int, world: int, segment_bytes: int):
     """Run each collective once on S = 12n KiB and return the ledger rows by op."""
+    import xtrain.comm.direct as direct
     import xtrain.comm.ring as ring
     import xtrain.comm.tree as tree
 
@@ -56,6 +58,10 @@ def _ledger_worker(rank: int, world: int, segment_bytes: int):
     comm.barrier()
     out = {"flat": rows(comm, ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "gather", "scatter", "barrier"))}
     big = 1 << 40
+    direct.TWO_SHOT_MIN_CHUNK_BYTES, direct.TWO_SHOT_MAX_CHUNK_BYTES = 0, big
+    comm = get_comm("xtrain")
+    comm.all_reduce(torch.ones(k))
+    out["two_shot"] = rows(comm, ("all_reduce",))
     for shape, tree_max, star_max, sr_max in (
         ("tree", big, 0, 0), ("star", 0, big, 0), ("scatter_ring", 0, 0, big), ("chain", 0, 0, 0)
     ):
@@ -87,6 +93,9 @@ def test_ledger_bytes_and_messages_match_formulas(n):
         e = firsts[r]
         assert e["all_reduce"]["bytes_sent"] == e["all_reduce"]["bytes_recv"] == 2 * (n - 1) * S // n
         assert e["all_reduce"]["messages"] == 2 * (n - 1) * m
+        two = others[r]["two_shot"]["all_reduce"]
+        assert two["bytes_sent"] == two["bytes_recv"] == 2 * (n - 1) * S // n
+        assert two["messages"] == 2 * (n - 1)
         for op in ("reduce_scatter", "all_gather"):
             assert e[op]["bytes_sent"] == e[op]["bytes_recv"] == (n - 1) * S // n, op
             assert e[op]["messages"] == (n - 1) * m, op

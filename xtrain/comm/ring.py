@@ -146,21 +146,6 @@ def _segments(flat: torch.Tensor, m: int) -> list[torch.Tensor]:
     return list(flat.tensor_split(m))
 
 
-class _Scratch:
-    """``slots`` x ``m`` receive buffers of ``seg_numel`` elements, borrowed from the scratch pool."""
-
-    def __init__(self, like: torch.Tensor, slots: int, m: int, seg_numel: int):
-        flat, self._raw = scratch.take(slots * m * seg_numel, like.dtype, like.device)
-        self.buf = flat.view(slots, m, seg_numel)
-
-    def __enter__(self):
-        return self.buf
-
-    def __exit__(self, *exc):
-        scratch.give(self._raw)
-        return False
-
-
 def all_reduce(ch: Channel, flat: torch.Tensor, op) -> None:
     """In-place ring all-reduce of a contiguous 1-D tensor of any length.
 
@@ -178,7 +163,7 @@ def all_reduce(ch: Channel, flat: torch.Tensor, op) -> None:
     seg_max = max(s.numel() for s in segs[0]) if flat.numel() else 0
     depth = min(DEPTH, n - 1)
 
-    with _Scratch(flat, depth, m, seg_max) as slots:
+    with scratch.Slots(flat, depth, m, seg_max) as slots:
 
         def send_seg(k, j):
             # reduce-scatter steps send the partial sums, all-gather steps the finished chunks
@@ -218,7 +203,7 @@ def reduce_scatter(ch: Channel, out_flat: torch.Tensor, in_flat: torch.Tensor, o
     seg_max = max(s.numel() for s in out_segs) if out_flat.numel() else 0
     depth = max(2, min(DEPTH, n - 1))
 
-    with _Scratch(out_flat, depth, m, seg_max) as slots:
+    with scratch.Slots(out_flat, depth, m, seg_max) as slots:
 
         def send_seg(k, j):
             if k == 0:

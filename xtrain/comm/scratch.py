@@ -16,6 +16,7 @@ track of which stream last used it.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -52,6 +53,21 @@ def give(raw: torch.Tensor) -> None:
         pool.append(raw)
         pool.sort(key=lambda b: b.numel(), reverse=True)
         del pool[KEEP:]
+
+
+class Slots:
+    """``with Slots(like, *shape) as buf``: a ``like.dtype`` buffer of ``shape``, borrowed from the pool."""
+
+    def __init__(self, like: torch.Tensor, *shape: int):
+        flat, self._raw = take(math.prod(shape), like.dtype, like.device)
+        self.buf = flat.view(*shape)
+
+    def __enter__(self) -> torch.Tensor:
+        return self.buf
+
+    def __exit__(self, *exc):
+        give(self._raw)
+        return False
 
 
 def clear() -> None:

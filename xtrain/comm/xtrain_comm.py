@@ -120,7 +120,11 @@ class XtrainComm(Comm):
 
         def body(ch):
             buf = _contiguous_buffer(tensor)
-            ring.all_reduce(ch, buf.view(-1), op)
+            flat = buf.view(-1)
+            if direct.use_two_shot(flat.numel() * flat.element_size(), ch.size, ch.post_ahead):
+                direct.all_reduce_two_shot(ch, flat, op)
+            else:
+                ring.all_reduce(ch, flat, op)
             _write_back(tensor, buf)
 
         return self._launch("all_reduce", group, body, async_op, tensor.device)
