@@ -21,6 +21,7 @@ the same list.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import time
 
@@ -32,6 +33,12 @@ from hypothesis import strategies as st
 
 from xtrain.comm import SOLO, CollectiveTimeout, CommError, get_comm, label_group
 from xtrain.spawn import run_on_ranks
+
+# The case-matrix tests run on gloo (CPU tensors) unless XTRAIN_TEST_BACKEND=nccl
+# (CUDA tensors, one GPU per rank: the 8-rank test needs 8 GPUs).
+BACKEND = os.environ.get("XTRAIN_TEST_BACKEND", "gloo")
+if BACKEND not in ("gloo", "nccl"):
+    raise ValueError(f"XTRAIN_TEST_BACKEND={BACKEND!r}: use gloo or nccl")
 
 DTYPES = ["float32", "float64", "float16", "bfloat16", "int32", "int64"]
 REDUCING = ["all_reduce", "reduce_scatter_tensor", "reduce_scatter_single", "reduce"]
@@ -96,12 +103,12 @@ def _values(case: Case, who: int, numel: int) -> torch.Tensor:
     dt = _dtype(case.dtype)
     if dt.is_floating_point:
         if case.red == "PRODUCT":
-            x = torch.rand(numel, generator=g, dtype=torch.float64) + 0.5
+            x = torch.rand(numel, generator=g, dtype=torch.float64, device="cpu") + 0.5
         else:
-            x = torch.randn(numel, generator=g, dtype=torch.float64)
-        return x.to(dt)
+            x = torch.randn(numel, generator=g, dtype=torch.float64, device="cpu")
+        return x.to(device=torch.get_default_device(), dtype=dt)
     lo, hi = (-2, 3) if case.red == "PRODUCT" else (-50, 50)
-    return torch.randint(lo, hi, (numel,), generator=g, dtype=dt)
+    return torch.randint(lo, hi, (numel,), generator=g, dtype=dt, device="cpu").to(torch.get_default_device())
 
 
 def _maybe_strided(x: torch.Tensor, noncontig: bool) -> torch.Tensor:
@@ -317,6 +324,8 @@ def _cases_worker(rank: int, world: int, spec: dict, cases: list[Case]):
     import warnings
 
     warnings.simplefilter("ignore", FutureWarning)  # torch's reference calls use the older names
+    if BACKEND == "nccl":
+        torch.set_default_device("cuda")  # every tensor of the cases, xtrain's and torch's alike
     comm = get_comm("xtrain")
     groups = _make_groups(world, rank, spec)
     failures = []
@@ -336,7 +345,7 @@ def _cases_worker(rank: int, world: int, spec: dict, cases: list[Case]):
 
 
 def _check(world: int, spec: dict, cases: list[Case], timeout: float = 240):
-    results = run_on_ranks(_cases_worker, world, spec, cases, timeout=timeout, pg_timeout=30)
+    results = run_on_ranks(_cases_worker, world, spec, cases, backend=BACKEND, timeout=timeout, pg_timeout=30)
     failures = [(r, c, p) for r, fs in enumerate(results) for c, p in fs]
     assert not failures, "\n".join(f"rank {r}: {c}: {p}" for r, c, p in failures[:20])
 

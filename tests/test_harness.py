@@ -38,6 +38,15 @@ def test_failing_rank_surfaces_its_traceback_at_once():
     assert time.monotonic() - t0 < 25
 
 
+def test_nccl_with_fewer_gpus_than_ranks_fails_with_one_clear_message():
+    import torch
+
+    gpus = torch.cuda.device_count()
+    n = gpus + 1  # always one rank too many
+    with pytest.raises(RankFailed, match=rf"backend nccl needs one GPU per rank: {n} ranks, {gpus} GPUs"):
+        run_on_ranks(_ranks, n, backend="nccl", timeout=60)
+
+
 def test_hung_job_ends_in_a_timeout_error():
     t0 = time.monotonic()
     with pytest.raises(RanksTimedOut, match=r"timed out after 8s; ranks \[0, 1\] had not finished"):

@@ -78,6 +78,11 @@ def _worker(rank, world_size, port, backend, pg_timeout_s, fn, args, env, queue,
 
     torch.set_num_threads(1)  # N ranks share few cores; one BLAS thread each
     try:
+        if backend == "nccl":
+            gpus = torch.cuda.device_count()
+            if world_size > gpus:  # NCCL refuses two ranks on one GPU ("duplicate GPU")
+                raise RuntimeError(f"backend nccl needs one GPU per rank: {world_size} ranks, {gpus} GPUs")
+            torch.cuda.set_device(rank)
         if backend is not None:
             dist.init_process_group(
                 backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
