@@ -38,7 +38,8 @@ SENDS_FIRST = True
 # bytes, lies within these bounds, and the ring elsewhere. Measured on 2
 # cores, gloo, 4 and 8 ranks (docs/collectives.md): below, the concurrent
 # messages cost more CPU than the ring's serial steps; above, the two are
-# level, and the ring's neighbour-only traffic is what scales off one host.
+# level on 4 ranks, and two-shot's scratch, (n-1)/n S, grows with the tensor
+# where the ring's stays at three segments.
 TWO_SHOT_MIN_CHUNK_BYTES = 256 << 10
 TWO_SHOT_MAX_CHUNK_BYTES = 2 << 20
 
