@@ -15,9 +15,10 @@ which on oversubscribed cores includes the ranks' skew leaving the barrier).
 Columns follow nccl-tests: ``size`` is the largest buffer (the full tensor
 of all_reduce/broadcast, the gathered output of all_gather, the input of
 reduce_scatter, the whole send buffer of all_to_all); ``algbw = size /
-time``; ``busbw = algbw * factor`` with nccl-tests' factors (all_reduce
-2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast,
-reduce 1), so busbw compares with the link speed whatever n is.
+time``; ``busbw = algbw * factor`` with nccl-tests' factors
+(``xtrain.formulas.busbw_factor``: all_reduce 2(n-1)/n; all_gather,
+reduce_scatter, all_to_all (n-1)/n; broadcast, reduce 1), so busbw compares
+with the link speed whatever n is.
 
 ``q25-q75`` are the quartiles of the ratio round by round (both
 implementations run in every round, so a round's ratio cancels what slowed
@@ -50,18 +51,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from xtrain.formulas import busbw_factor  # noqa: E402
 from xtrain.spawn import run_on_ranks  # noqa: E402
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all", "reduce")
 DEFAULT_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
-
-
-def bus_factor(op: str, n: int) -> float:
-    if op == "all_reduce":
-        return 2 * (n - 1) / n
-    if op in ("all_gather", "reduce_scatter", "all_to_all"):
-        return (n - 1) / n
-    return 1.0
 
 
 def _rounds(size: int, batch: int, budget: int, lo: int, hi: int) -> int:
@@ -244,7 +238,7 @@ def run(nproc, ops, sizes, budget, min_iters, max_iters, dtype, batch=20):
         for name in ("xtrain", "torch"):
             t = _median_over_ranks(per_rank, key, name)
             algbw = size / t / 1e9
-            row[name] = (t, algbw, algbw * bus_factor(op, nproc))
+            row[name] = (t, algbw, algbw * busbw_factor(op, nproc))
             row[name + "_cpu"] = _cpu_per_call(per_rank, key, name)
         row["ratio"] = row["xtrain"][2] / row["torch"][2]
         row["wrong"] = _wrong_over_ranks(per_rank, key)
@@ -259,7 +253,7 @@ def text_table(rows, nproc, dtype) -> str:
     esize = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
     lines = []
     for op in dict.fromkeys(r["op"] for r in rows):
-        lines.append(f"# {op}  nranks {nproc}  dtype {dtype}  (busbw factor {bus_factor(op, nproc):.3f})")
+        lines.append(f"# {op}  nranks {nproc}  dtype {dtype}  (busbw factor {busbw_factor(op, nproc):.3f})")
         lines.append(
             f"#{'size':>9} {'count':>10} | {'xtrain us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | "
             f"{'torch us':>11} {'cpu us':>9} {'algbw':>7} {'busbw':>7} | {'ratio':>6} {'q25-q75':>10} {'#wrong':>6}"

@@ -16,16 +16,17 @@ The xtrain side is the real training path: ``xtrain.train.run(cfg)`` with
 lines, and a per-rank log file set up as the command line's Hydra logging
 config does.
 
-Interleaving is per step: a hook on ``MetricsLogger.log`` runs bare step i
-right after xtrain logs step i, so each pair runs back to back (the machine's
-load drifts; blocks of steps seconds apart were not comparable). An xtrain
-step is timed from the end of the previous bare step to the return of its
-own log call: the whole loop body (schedule, batch, forward/backward,
-clipping, optimizer, the loss/memory reduction, the ledger, the record and
-its logging), once. ``--repeats`` separate runs, each with a fresh model on
-both sides; the first ``--warmup`` steps of each are dropped. Reported: the
-medians per side and the median of the per-step ratios. Target: xtrain adds
-at most 5% per step.
+Interleaving is per step: the trainer's per-step callback (``on_step``) runs
+bare step i right after xtrain logs step i, so each pair runs back to back
+(the machine's load drifts; blocks of steps seconds apart were not
+comparable). An xtrain step is timed from the end of the previous bare step
+to the callback, which the trainer makes as soon as its log call returns:
+the whole loop body (schedule, batch, forward/backward, clipping, optimizer,
+the loss/memory reduction, the ledger, the record and its logging), once.
+``--repeats`` separate runs, each with a fresh model on both sides; the
+first ``--warmup`` steps of each are dropped. Reported: the medians per side
+and the median of the per-step ratios. Target: xtrain adds at most 5% per
+step.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import xtrain.metrics
 from xtrain.config import compose
 from xtrain.data import load_data, local_batch
 from xtrain.model import ModelConfig, build_model
@@ -104,11 +104,11 @@ class BareLoop:
 # -- interleaving -------------------------------------------------------------------
 #
 # xtrain.train.run owns its loop, so the bare step runs inside it: right after
-# xtrain logs step i, the hook on MetricsLogger.log runs bare step i and times
-# it. xtrain's step i+1 is then timed from the end of that bare step to the
-# return of its own log call, so every line of xtrain's loop is counted once
-# and the bare step never. Each pair is adjacent in time, which keeps the
-# comparison fair on a machine whose load drifts.
+# xtrain logs step i, its on_step callback runs bare step i and times it.
+# xtrain's step i+1 is then timed from the end of that bare step to the next
+# callback (made right after its log call returns), so every line of xtrain's
+# loop is counted once and the bare step never. Each pair is adjacent in time,
+# which keeps the comparison fair on a machine whose load drifts.
 
 
 class Interleaver:
@@ -118,28 +118,19 @@ class Interleaver:
         self.bare_s: list[float] = []
         self.mark: float | None = None  # end of the previous bare step
 
-    def after_xtrain_step(self, step: int) -> None:
+    def on_step(self, record: dict) -> None:
+        """``xtrain.train.run``'s per-step callback: time xtrain's step, run the bare one."""
         now = time.perf_counter()
         if self.mark is not None:
             self.xtrain_s.append(now - self.mark)
         if self.profile is not None:
             self.profile.disable()  # profile xtrain's loop only
         t0 = time.perf_counter()
-        self.bare.step(step - 1)
+        self.bare.step(record["step"] - 1)
         self.mark = time.perf_counter()
         self.bare_s.append(self.mark - t0)
         if self.profile is not None:
             self.profile.enable()
-
-
-_active: Interleaver | None = None
-_original_log = xtrain.metrics.MetricsLogger.log
-
-
-def _log_then_bare_step(self, record):
-    _original_log(self, record)
-    if _active is not None:
-        _active.after_xtrain_step(record["step"])
 
 
 @contextlib.contextmanager
@@ -164,19 +155,14 @@ def paired_block(cfg, data, run_dir: Path, warmup: int, profile: cProfile.Profil
     """One xtrain.train.run with a bare step after each of its steps. Returns
     (xtrain step times, bare step times, xtrain losses, bare losses, logged
     step_time_s), each without the first ``warmup`` steps."""
-    global _active
     run_dir.mkdir(parents=True)
-    _active = Interleaver(BareLoop(cfg, data), profile)
-    try:
-        with open(run_dir / "console.txt", "w") as console, contextlib.redirect_stdout(console), cli_logging(run_dir):
-            if profile is not None:
-                profile.enable()
-            result = run(cfg, run_dir)
-            if profile is not None:
-                profile.disable()
-        inter = _active
-    finally:
-        _active = None
+    inter = Interleaver(BareLoop(cfg, data), profile)
+    with open(run_dir / "console.txt", "w") as console, contextlib.redirect_stdout(console), cli_logging(run_dir):
+        if profile is not None:
+            profile.enable()
+        result = run(cfg, run_dir, on_step=inter.on_step)
+        if profile is not None:
+            profile.disable()
     logged = [json.loads(line)["step_time_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # xtrain_s[k] is step k+2 (step 1 has no start mark); bare_s[k] is step k+1.
     return (
@@ -242,7 +228,6 @@ def main(argv=None) -> int:
     data = load_data(cfg.data)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="xtrain-bench-"))
     root.mkdir(parents=True, exist_ok=True)
-    xtrain.metrics.MetricsLogger.log = _log_then_bare_step
 
     console.print(
         f"model={args.model} seq_len={args.seq_len} batch={args.batch} | {args.repeats} runs x {total} steps per side "

@@ -15,9 +15,9 @@ is ``fully_shard`` on every transformer block and then on the root, defaults
 otherwise (reshard after forward, fp32).
 
 Speed (one 4-rank job). The xtrain side is the real trainer,
-``xtrain.train.run``; a hook on ``MetricsLogger.log`` runs the torch loop's
-step i right after xtrain's step i, on every rank, so each pair of steps is
-adjacent in time and load from other processes hits both alike. xtrain's
+``xtrain.train.run``; its per-step callback (``on_step``) runs the torch
+loop's step i right after xtrain's step i, on every rank, so each pair of
+steps is adjacent in time and load from other processes hits both alike. xtrain's
 time is the trainer's own ``step_time_s`` (it includes the trainer's per-step
 metrics all-gather); torch's is timed on rank 0 around its step, which ends
 with an all-reduce of the loss for logging, so on both sides a step ends
@@ -39,9 +39,10 @@ model-state figure does not see.
 
 Communication per step and rank: xtrain's from its ledger (bytes sent);
 torch does not report its traffic, so its figure is computed with the ring
-formulas: DDP all-reduce 2·(n-1)/n·4Ψ; FSDP2 all-gather in forward and again
-in backward (except the root's parameters, which FSDP2 keeps unsharded from
-forward to backward) and reduce-scatter, each (n-1)/n·4·(padded Ψ).
+formulas (``xtrain.formulas.zero_comm_bytes``, ``fsdp2_comm_bytes``): DDP
+all-reduce 2·(n-1)/n·4Ψ; FSDP2 all-gather in forward and again in backward
+(except the root's parameters, which FSDP2 keeps unsharded from forward to
+backward) and reduce-scatter, each (n-1)/n·4·(padded Ψ).
 
 The per-stage memory plot (ddp, zero1, zero2, zero3 against the ZeRO
 formulas) is ``scripts/plot_zero_memory.py``; both are described, with
@@ -71,9 +72,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-import xtrain.metrics  # noqa: E402
 from xtrain.config import compose  # noqa: E402
 from xtrain.data import load_data, local_batch  # noqa: E402
+from xtrain.formulas import fsdp2_comm_bytes, zero_comm_bytes  # noqa: E402
 from xtrain.model import ModelConfig, build_model  # noqa: E402
 from xtrain.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 from xtrain.parallel.base import storage_bytes  # noqa: E402
@@ -163,69 +164,58 @@ class TorchLoop:
 def torch_comm_bytes(kind: str, cfg, world: int) -> dict:
     """Bytes sent per rank and step by the ring algorithms (torch reports none)."""
     model = build_model(ModelConfig.from_dict(dict(cfg.model.items())), cfg.seed)
-    n, f = world, (world - 1) / world
     if kind == "ddp":
         psi = sum(p.numel() for p in model.parameters())
-        return {"all_reduce": int(2 * f * 4 * psi)}
-    # FSDP2 pads every parameter's dim 0 to a multiple of n.
-    def padded(params):
-        return sum(-(-p.shape[0] // n) * n * (p.numel() // max(p.shape[0], 1)) for p in params)
-
+        return {"all_reduce": int(zero_comm_bytes("ddp", psi, world))}
     block_ids = {id(p) for b in model.blocks for p in b.parameters()}
-    psi = padded(model.parameters())
-    psi_root = padded(p for p in model.parameters() if id(p) not in block_ids)
-    return {
-        "all_gather (forward)": int(f * 4 * psi),
-        "all_gather (backward)": int(f * 4 * (psi - psi_root)),
-        "reduce_scatter": int(f * 4 * psi),
-    }
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    root_shapes = [tuple(p.shape) for p in model.parameters() if id(p) not in block_ids]
+    return fsdp2_comm_bytes(shapes, root_shapes, world)
 
 
 # -- the speed job ----------------------------------------------------------------------------
 
-_paired_loop: TorchLoop | None = None
-_original_log = xtrain.metrics.MetricsLogger.log
-_xtrain_cpu: list[float] = []  # CPU seconds of xtrain's steps on this rank
-_cpu_mark: list[float] = []
+class PairedTorchSteps:
+    """``on_step`` for ``xtrain.train.run``: right after xtrain's step i, the
+    torch loop's step i, on every rank; also xtrain's CPU seconds per step on
+    this rank, from the end of one torch step to the start of the next."""
 
+    def __init__(self, loop: TorchLoop):
+        self.loop = loop
+        self.xtrain_cpu: list[float] = []
+        self.mark: float | None = None  # end of the previous torch step (step 1: none)
 
-def _log_then_torch_step(self, record):
-    _original_log(self, record)
-    if _paired_loop is not None:
+    def __call__(self, record: dict) -> None:
         now = time.process_time()
-        if _cpu_mark:  # from the end of the previous torch step (step 1: no mark)
-            _xtrain_cpu.append(now - _cpu_mark[0])
-        _paired_loop.step(record["step"] - 1)
-        _cpu_mark[:] = [time.process_time()]
+        if self.mark is not None:
+            self.xtrain_cpu.append(now - self.mark)
+        self.loop.step(record["step"] - 1)
+        self.mark = time.process_time()
 
 
 def speed_worker(rank: int, world: int, base: list[str], repeats: int, root: str):
     torch.set_num_threads(1)
-    global _paired_loop
-    xtrain.metrics.MetricsLogger.log = _log_then_torch_step
     out = []
     for r in range(repeats):
         order = list(PAIRS) if r % 2 == 0 else list(PAIRS)[::-1]
         for strategy in order:
             cfg = compose([*base, f"strategy={strategy}"])
             data = load_data(cfg.data)
-            _paired_loop = TorchLoop(strategy, cfg, data, rank, world)
-            _xtrain_cpu.clear()
-            _cpu_mark.clear()
+            paired = PairedTorchSteps(TorchLoop(strategy, cfg, data, rank, world))
             run_dir = Path(root) / f"speed-{strategy}-{r}"
             with contextlib.redirect_stdout(io.StringIO()):
-                result = run(cfg, run_dir)
-            loop, _paired_loop = _paired_loop, None
+                result = run(cfg, run_dir, on_step=paired)
+            loop = paired.loop
             rec = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
             out.append({
                 "strategy": strategy, "repeat": r,
                 "xtrain_step_s": [x["step_time_s"] for x in rec],
                 "xtrain_comm": [x["comm"] for x in rec],
                 "torch_step_s": loop.times,
-                "xtrain_cpu_s": list(_xtrain_cpu), "torch_cpu_s": loop.cpu,
+                "xtrain_cpu_s": paired.xtrain_cpu, "torch_cpu_s": loop.cpu,
                 "xtrain_losses": result.losses, "torch_losses": loop.losses,
             })
-            del loop
+            del loop, paired
     return out
 
 

@@ -46,10 +46,10 @@ the DTensor gradients (it computes the norm over the shards itself) and, for
 parameters that stay plain tensors (the norms without sp), their local
 gradients, which are identical on every tp rank.
 
-Speed (one 4-rank job): a hook on ``MetricsLogger.log`` runs the torch
-loop's step i right after xtrain's step i, on every rank, so each pair of
-steps is adjacent in time and load from other processes hits both alike.
-xtrain's time is the trainer's own ``step_time_s`` (it includes the
+Speed (one 4-rank job): the trainer's per-step callback (``on_step``) runs
+the torch loop's step i right after xtrain's step i, on every rank, so each
+pair of steps is adjacent in time and load from other processes hits both
+alike. xtrain's time is the trainer's own ``step_time_s`` (it includes the
 trainer's per-step metrics all-gather, which the torch loop does not do);
 torch's is timed on rank 0 around its step. ``--repeats`` rounds, alternating
 which layout goes first; the first ``--warmup`` steps of every run are
@@ -81,7 +81,6 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import xtrain.metrics  # noqa: E402
 from xtrain.config import compose  # noqa: E402
 from xtrain.data import load_data, local_batch  # noqa: E402
 from xtrain.model import ModelConfig, build_model  # noqa: E402
@@ -206,6 +205,10 @@ class TorchTPLoop:
         self.times.append(time.perf_counter() - t0)
         self.losses.append(_local(loss).item() if not hasattr(loss, "full_tensor") else loss.full_tensor().item())
 
+    def after_xtrain_step(self, record: dict) -> None:
+        """``xtrain.train.run``'s per-step callback: torch's step i right after xtrain's."""
+        self.step(record["step"] - 1)
+
     def count_comm(self, step: int) -> dict:
         """torch's collectives in one training step, by op (CommDebugMode)."""
         from torch.distributed.tensor.debug import CommDebugMode
@@ -218,24 +221,12 @@ class TorchTPLoop:
 
 # -- the speed job ------------------------------------------------------------------------------
 
-_paired: TorchTPLoop | None = None
-_original_log = xtrain.metrics.MetricsLogger.log
-
-
-def _log_then_torch_step(self, record):
-    _original_log(self, record)
-    if _paired is not None:
-        _paired.step(record["step"] - 1)
-
-
 def speed_worker(rank, world, base, layouts, sp, repeats, root, count_torch_comm):
     import warnings
 
     # the loss's backward hook warns that the token ids need no gradient
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     torch.set_num_threads(1)
-    global _paired
-    xtrain.metrics.MetricsLogger.log = _log_then_torch_step
     out = []
     for r in range(repeats):
         order = layouts if r % 2 == 0 else layouts[::-1]
@@ -243,11 +234,10 @@ def speed_worker(rank, world, base, layouts, sp, repeats, root, count_torch_comm
             xt_over, mesh_shape = LAYOUTS[name]
             cfg = compose([*base, *xt_over, f"strategy.sp={str(sp).lower()}"])
             data = load_data(cfg.data)
-            _paired = TorchTPLoop(cfg, data, mesh_shape, sp)
+            loop = TorchTPLoop(cfg, data, mesh_shape, sp)
             run_dir = Path(root) / f"speed-{name}-{r}"
             with contextlib.redirect_stdout(io.StringIO()):
-                result = run(cfg, run_dir)
-            loop, _paired = _paired, None
+                result = run(cfg, run_dir, on_step=loop.after_xtrain_step)
             torch_comm = loop.count_comm(cfg.train.steps) if (count_torch_comm and r == 0) else None
             rec = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()] if rank == 0 else []
             # torch's global loss: the mean over dp of the (tp-replicated) local losses
@@ -336,7 +326,7 @@ def main(argv=None) -> int:
               + ", ".join(f"{a:.3f}/{b:.3f}" for a, b in r["per_run_medians"]))
         comm = r["xtrain_comm"] or {}
         print("  xtrain collectives (rank 0, last step): "
-              + ", ".join(f"{k} {v['calls']}x {v['bytes_sent'] / 2**20:.2f} MiB {v['time_s'] * 1e3:.0f} ms" for k, v in comm.items()))
+              + ", ".join(f"{k} {v['calls']}x {v['bytes_sent'] / 2**20:.2f} MiB {v.get('wall_s', v.get('time_s', 0.0)) * 1e3:.0f} ms" for k, v in comm.items()))
         if r["torch_comm"]:
             print(f"  torch collectives (one step, CommDebugMode): {r['torch_comm']}")
     for name in layouts:

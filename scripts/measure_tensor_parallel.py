@@ -17,11 +17,13 @@ Three measurements, in one 4-rank gloo job (tp=2 runs with dp=2):
    parameters excluded; tp=2 and tp=4, sequence parallel off and on.
 3. Communication: the tp group's bytes sent per rank and step from the comm
    ledger of a real run (``xtrain.train.run``, ``strategy=tp``,
-   ``comm=xtrain``) against ``tp_comm_formula``. The per-layer figure is
-   measured as the difference of two runs that differ only in n_layers,
-   divided by the difference in layers, so it comes from the ledger alone.
+   ``comm=xtrain``) against ``xtrain.formulas.tp_comm_per_step``. The
+   per-layer figure is measured as the difference of two runs that differ
+   only in n_layers, divided by the difference in layers, so it comes from
+   the ledger alone.
 
-The formulas (``tp_comm_formula``) are imported by tests/test_tp_formulas.py.
+The formulas live in ``xtrain.formulas`` (tensor-parallel section);
+tests/test_tp_formulas.py checks them with this script's measurement helpers.
 """
 
 from __future__ import annotations
@@ -40,70 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-F32 = 4  # bytes per fp32 element
+from xtrain.formulas import tp_comm_per_step  # noqa: E402
 
-
-# -- formulas -----------------------------------------------------------------------------
-
-
-def ring_bytes(op: str, numel: int, n: int, elem: int = F32) -> float:
-    """Bytes one rank sends in a ring collective over n ranks. ``numel`` is the
-    full (unsharded) buffer: all-reduce 2(n-1)/n, all-gather and reduce-scatter
-    (n-1)/n of it."""
-    f = (n - 1) / n
-    return {"all_reduce": 2 * f, "all_gather": f, "reduce_scatter": f}[op] * numel * elem
-
-
-def tp_partial_numel(mcfg, tp: int, sp: bool) -> int:
-    """Elements of the replicated parameters whose gradients are summed over tp
-    once per step: the norms under sp, the kv projections when kv heads are
-    replicated (tp % n_kv_heads == 0 and n_kv_heads < tp)."""
-    n = 0
-    if sp:
-        n += (2 * mcfg.n_layers + 1) * mcfg.dim
-    if mcfg.n_kv_heads % tp:
-        n += mcfg.n_layers * 2 * mcfg.n_kv_heads * (mcfg.dim // mcfg.n_heads) * mcfg.dim
-    return n
-
-
-def tp_comm_formula(mcfg, B: int, T: int, tp: int, sp: bool) -> dict:
-    """Per-rank bytes sent on the tp group in one training step (forward and
-    backward, one micro-batch of B local sequences of T tokens), by op and by
-    region. E = B*T*D activation elements.
-
-    Without sp (all-reduces): per layer, attention and MLP each all-reduce E in
-    forward (row-parallel exit) and E in backward (column-parallel entry); the
-    embedding all-reduces E in forward, the head's entry E in backward; the
-    loss all-reduces B*T three times (max, target logit, sum of exp); the
-    gradient norm is one scalar; the partial gradients one flat buffer.
-    With sp every activation all-reduce becomes an all-gather (T-gather) and a
-    reduce-scatter of the same total volume: per layer 4 of each.
-    """
-    L, D = mcfg.n_layers, mcfg.dim
-    E = B * T * D
-    partial = tp_partial_numel(mcfg, tp, sp)
-    regions = {}
-    if not sp:
-        regions["per_layer"] = {"all_reduce": (4, 4 * ring_bytes("all_reduce", E, tp))}
-        regions["embedding"] = {"all_reduce": (1, ring_bytes("all_reduce", E, tp))}
-        regions["head_entry"] = {"all_reduce": (1, ring_bytes("all_reduce", E, tp))}
-    else:
-        regions["per_layer"] = {op: (4, 4 * ring_bytes(op, E, tp)) for op in ("all_gather", "reduce_scatter")}
-        # embedding: reduce-scatter forward, all-gather backward; head entry: the reverse
-        regions["embedding"] = {op: (1, ring_bytes(op, E, tp)) for op in ("all_gather", "reduce_scatter")}
-        regions["head_entry"] = {op: (1, ring_bytes(op, E, tp)) for op in ("all_gather", "reduce_scatter")}
-    regions["loss"] = {"all_reduce": (3, 3 * ring_bytes("all_reduce", B * T, tp))}
-    regions["grad_norm"] = {"all_reduce": (1, ring_bytes("all_reduce", 1, tp))}
-    if partial:
-        regions["partial_grads"] = {"all_reduce": (1, ring_bytes("all_reduce", partial, tp))}
-    total: dict[str, list] = {}
-    for name, ops in regions.items():
-        mult = L if name == "per_layer" else 1
-        for op, (calls, nbytes) in ops.items():
-            t = total.setdefault(op, [0, 0.0])
-            t[0] += calls * mult
-            t[1] += nbytes * mult
-    return {"regions": regions, "total": {op: {"calls": c, "bytes_sent": b} for op, (c, b) in total.items()}}
+# -- reading the ledger -------------------------------------------------------------------
 
 
 def ledger_tp(comm: dict) -> dict:
@@ -259,11 +200,11 @@ def main(argv=None) -> int:
             tag = f"tp{tp}{'_sp' if sp else ''}"
             got = {L: ledger_tp(res["comm"][f"{tag}_L{L}"]["comm"]) for L in layers}
             mc = mcfg.__class__(**{**mcfg.__dict__, "n_layers": La})
-            want = tp_comm_formula(mc, B, args.seq_len, tp, sp)
+            want = tp_comm_per_step(mc, B, args.seq_len, tp, sp)
             # per layer: the formula's growth from Lb to La layers (activation collectives,
             # plus the partial-gradient buffer's growth when there is one)
             mb_ = mcfg.__class__(**{**mcfg.__dict__, "n_layers": Lb})
-            want_b = tp_comm_formula(mb_, B, args.seq_len, tp, sp)["total"]
+            want_b = tp_comm_per_step(mb_, B, args.seq_len, tp, sp)["total"]
             for op, w in sorted(want["total"].items()):
                 g = got[La].get(op, {"calls": 0, "bytes_sent": 0})
                 diff = (g["bytes_sent"] - got[Lb].get(op, {"bytes_sent": 0})["bytes_sent"]) / (La - Lb)

@@ -13,8 +13,10 @@ the gradients still alive; zero3 also ``gathered_peak``, the most gathered
 parameter bytes alive at once) and ``comm`` (the ledger: bytes this rank sent
 in the step).
 
-Formulas, for Ψ fp32 parameters with AdamW (ZeRO paper, Rajbhandari et al.
-2020, with K = 8 bytes of optimizer state per parameter and no fp16 copies):
+Formulas (``xtrain.formulas.zero_model_state_bytes`` and
+``zero_comm_bytes``), for Ψ fp32 parameters with AdamW (ZeRO paper,
+Rajbhandari et al. 2020, with K = 8 bytes of optimizer state per parameter
+and no fp16 copies):
 
 | stage | params | grads | optim | comm sent per rank and step |
 |---|---|---|---|---|
@@ -41,22 +43,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from xtrain.formulas import zero_comm_bytes, zero_model_state_bytes  # noqa: E402
 from xtrain.spawn import run_on_ranks  # noqa: E402
 
 STAGES = ("dp", "ddp", "zero1", "zero2", "zero3")
 PLOTTED = ("ddp", "zero1", "zero2", "zero3")
 PARTS = ("params", "grads", "optim")
-
-
-def formula_bytes(stage: str, psi: int, n: int) -> dict[str, float]:
-    full = {"params": 4 * psi, "grads": 4 * psi, "optim": 8 * psi}
-    sharded = {"dp": (), "ddp": (), "zero1": ("optim",), "zero2": ("grads", "optim"), "zero3": PARTS}[stage]
-    return {k: v / n if k in sharded else v for k, v in full.items()}
-
-
-def formula_comm(stage: str, psi: int, n: int) -> float:
-    factor = 3 if stage == "zero3" else 2
-    return factor * (n - 1) / n * 4 * psi
 
 
 def worker(rank: int, world: int, base: list[str], root: str):
@@ -89,7 +81,7 @@ def markdown(results, psi: int, n: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for stage in STAGES:
-        f, m = formula_bytes(stage, psi, n), results[stage]["state"]
+        f, m = zero_model_state_bytes(stage, psi, n), results[stage]["state"]
         cells = [f"{mb(f[k])} / {mb(m[k])}" for k in PARTS]
         cells.append(f"{mb(sum(f.values()))} / {mb(sum(m[k] for k in PARTS))}")
         cells.append(mb(m["gathered_peak"]) if "gathered_peak" in m else "")
@@ -105,7 +97,7 @@ def markdown(results, psi: int, n: int) -> str:
         comm = results[stage]["comm"]
         total = sum(v["bytes_sent"] for v in comm.values())
         detail = ", ".join(f"{k}: {v['calls']}, {mb(v['bytes_sent'])}" for k, v in comm.items())
-        lines.append(f"| {stage} | {mb(formula_comm(stage, psi, n))} | {mb(total)} | {detail} |")
+        lines.append(f"| {stage} | {mb(zero_comm_bytes(stage, psi, n))} | {mb(total)} | {detail} |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,7 +111,7 @@ def plot(results, psi: int, n: int, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     width = 0.38
     for i, stage in enumerate(PLOTTED):
-        m, f = results[stage]["state"], formula_bytes(stage, psi, n)
+        m, f = results[stage]["state"], zero_model_state_bytes(stage, psi, n)
         for dx, values, alpha in ((-width / 2, m, 1.0), (width / 2, f, 0.45)):
             bottom = 0.0
             for k in PARTS:

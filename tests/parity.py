@@ -12,6 +12,17 @@ import functools
 
 
 from xtrain.config import compose
+
+# The parity runs' shared settings: model=tiny, 10 fp32 steps, validation at 5 and 10.
+TINY_10_STEPS = (
+    "model=tiny",
+    "train.steps=10",
+    "train.seq_len=32",
+    "train.global_batch_size=8",
+    "train.warmup_steps=2",
+    "train.eval_every=5",
+    "train.progress=false",
+)
 from xtrain.spawn import run_on_ranks
 
 

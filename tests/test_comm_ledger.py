@@ -19,7 +19,8 @@ chunk or message, S divisible by n):
 | gather / scatter | S/n (root: receives / sends (n-1)/n S) | 1 / root n-1 |
 | barrier (dissemination) | ceil(log2 n) bytes | ceil(log2 n) |
 
-Also checks the torch implementation's ledger uses the same ring figures.
+The formulas are ``xtrain.formulas``' collectives section. Also checks the
+torch implementation's ledger uses the same ring figures.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from xtrain import formulas as F
 from xtrain.comm import get_comm, label_group
-from xtrain.comm.tree import tree_children
 from xtrain.spawn import run_on_ranks
 
 
@@ -88,57 +89,41 @@ def test_ledger_bytes_and_messages_match_formulas(n):
     S = 4 * k  # bytes of the full tensor
     chunk = S // n
     m = math.ceil(chunk / seg)
-    rounds = math.ceil(math.log2(n))
+    m_full = math.ceil(S / seg)  # segments of the whole message (chains)
+
+    def check(entry, want: F.Traffic, label):
+        got = (entry["bytes_sent"], entry["bytes_recv"], entry["messages"])
+        assert got == tuple(want), f"{label}, rank {r}: ledger (sent, recv, messages) {got}, formula {tuple(want)}"
+
     for r in range(n):
         e = firsts[r]
-        assert e["all_reduce"]["bytes_sent"] == e["all_reduce"]["bytes_recv"] == 2 * (n - 1) * S // n
-        assert e["all_reduce"]["messages"] == 2 * (n - 1) * m
-        two = others[r]["two_shot"]["all_reduce"]
-        assert two["bytes_sent"] == two["bytes_recv"] == 2 * (n - 1) * S // n
-        assert two["messages"] == 2 * (n - 1)
+        check(e["all_reduce"], F.ring_traffic("all_reduce", S, n, m), "all_reduce")
+        check(others[r]["two_shot"]["all_reduce"], F.two_shot_all_reduce_traffic(S, n), "two-shot")
         for op in ("reduce_scatter", "all_gather"):
-            assert e[op]["bytes_sent"] == e[op]["bytes_recv"] == (n - 1) * S // n, op
-            assert e[op]["messages"] == (n - 1) * m, op
-        assert e["all_to_all"]["bytes_sent"] == e["all_to_all"]["bytes_recv"] == (n - 1) * S // n
-        assert e["all_to_all"]["messages"] == n - 1
+            check(e[op], F.ring_traffic(op, S, n, m), op)
+        check(e["all_to_all"], F.pairwise_all_to_all_traffic(S, n), "all_to_all")
         groot = 1 % n
-        assert e["gather"]["bytes_recv"] == ((n - 1) * chunk if r == groot else 0)
-        assert e["gather"]["bytes_sent"] == (0 if r == groot else chunk)
-        assert e["scatter"]["bytes_sent"] == ((n - 1) * chunk if r == 0 else 0)
-        assert e["scatter"]["bytes_recv"] == (0 if r == 0 else chunk)
-        assert e["barrier"]["messages"] == rounds and e["barrier"]["bytes_sent"] == rounds
+        check(e["gather"], F.gather_traffic(chunk, n, r == groot), "gather")
+        check(e["scatter"], F.scatter_traffic(chunk, n, r == 0), "scatter")
+        barrier = F.dissemination_barrier_traffic(n)
+        assert e["barrier"]["messages"] == barrier.messages and e["barrier"]["bytes_sent"] == barrier.sent
 
         o = others[r]
-        # binomial tree from root 0: relative rank = rank
-        kids = len(tree_children(r, n))
-        b = o["tree"]["broadcast"]
-        assert b["bytes_sent"] == kids * S and b["bytes_recv"] == (0 if r == 0 else S) and b["messages"] == kids
-        red = o["tree"]["reduce"]
-        assert red["bytes_recv"] == kids * S and red["bytes_sent"] == (0 if r == 0 else S)
-        if r == 0:
-            assert kids == rounds  # the root sends ceil(log2 n) copies
+        # binomial tree from root 0: relative rank = rank; the root sends ceil(log2 n) copies
+        check(o["tree"]["broadcast"], F.tree_broadcast_traffic(S, n, r), "tree broadcast")
+        check(o["tree"]["reduce"], F.tree_reduce_traffic(S, n, r), "tree reduce")
         # star from root 0: the root sends S to each other rank
-        b = o["star"]["broadcast"]
-        assert b["bytes_sent"] == ((n - 1) * S if r == 0 else 0) and b["bytes_recv"] == (0 if r == 0 else S)
-        assert b["messages"] == (n - 1 if r == 0 else 0)
+        check(o["star"]["broadcast"], F.star_broadcast_traffic(S, n, r), "star broadcast")
         # scatter + ring from root 0: the root scatters (n-1)/n S and sends (n-1)/n S to rank 1;
         # ranks 1..n-2 forward (n-1)/n S, the last rank nothing; m segments per chunk
-        b = o["scatter_ring"]["broadcast"]
-        sent = 2 * (n - 1) * chunk if r == 0 else (0 if r == n - 1 else (n - 1) * chunk)
-        assert b["bytes_sent"] == sent and b["bytes_recv"] == (0 if r == 0 else S)
-        assert b["messages"] == sent // chunk * m
+        check(o["scatter_ring"]["broadcast"], F.scatter_ring_broadcast_traffic(S, n, r, m), "scatter+ring broadcast")
         # chains from / to root 0: 0 -> 1 -> ... -> n-1
-        m_full = math.ceil(S / seg)
-        b = o["chain"]["broadcast"]
-        assert b["bytes_sent"] == (0 if r == n - 1 else S) and b["bytes_recv"] == (0 if r == 0 else S)
-        assert b["messages"] == (0 if r == n - 1 else m_full)
-        red = o["chain"]["reduce"]
-        assert red["bytes_sent"] == (0 if r == 0 else S) and red["bytes_recv"] == (0 if r == n - 1 else S)
+        check(o["chain"]["broadcast"], F.chain_broadcast_traffic(S, n, r, m_full), "chain broadcast")
+        check(o["chain"]["reduce"], F.chain_reduce_traffic(S, n, r, m_full), "chain reduce")
         # torch's ledger states the ring figures
         t = o["torch"]
-        assert t["all_reduce"]["bytes_sent"] == 2 * (n - 1) * S // n
-        for op in ("reduce_scatter", "all_gather", "all_to_all"):
-            assert t[op]["bytes_sent"] == (n - 1) * S // n, op
+        for op in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all"):
+            assert t[op]["bytes_sent"] == F.ring_bytes(op, S, n), op
     # every byte sent is received by someone
     for op in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "gather", "scatter", "barrier"):
         assert sum(f[op]["bytes_sent"] for f in firsts) == sum(f[op]["bytes_recv"] for f in firsts), op

@@ -3,8 +3,10 @@
 Each world size is one spawned job that runs every case in turn. Checked:
 - parity: per-step losses within 1e-5 relative and final (gathered) parameters
   within 1e-5, 10 steps, model=tiny, fp32, comm xtrain and torch, micro_batches 1 and 2;
-- memory: measured model-state bytes against the ZeRO paper's table, within 10%;
-- communication: the ledger's bytes per step against the formulas, within 5%;
+- memory: measured model-state bytes against the ZeRO paper's table
+  (``xtrain.formulas.zero_model_state_bytes``), within 10%;
+- communication: the ledger's bytes per step against the formulas
+  (``xtrain.formulas.zero_comm_bytes``), within 5%;
 - bf16: tracks fp32 within a stated tolerance.
 """
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from parity import assert_parity, run_many, single_reference
+from xtrain.formulas import zero_comm_bytes, zero_model_state_bytes
 
 STRATEGIES = ("dp", "ddp", "zero1", "zero2", "zero3")
 BASE = (
@@ -45,22 +48,8 @@ def records(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# Per rank, fp32 AdamW, Ψ parameters on n ranks (ZeRO paper, table 1, K = 8).
-MEMORY = {
-    "ddp": lambda n: 16 * PSI,
-    "zero1": lambda n: 4 * PSI + 4 * PSI + 8 * PSI / n,
-    "zero2": lambda n: 4 * PSI + 12 * PSI / n,
-    "zero3": lambda n: 16 * PSI / n,
-}
-# Bytes each rank sends per step (micro_batches=1): ring all-reduce 2Ψ(n-1)/n;
-# reduce-scatter + all-gather the same; zero3 gathers twice, 1.5x.
-COMM = {
-    "dp": lambda n: 4 * 2 * PSI * (n - 1) / n,
-    "ddp": lambda n: 4 * 2 * PSI * (n - 1) / n,
-    "zero1": lambda n: 4 * 2 * PSI * (n - 1) / n,
-    "zero2": lambda n: 4 * 2 * PSI * (n - 1) / n,
-    "zero3": lambda n: 4 * 3 * PSI * (n - 1) / n,
-}
+# Stages whose measured model state is checked against the ZeRO table.
+MEMORY_CHECKED = ("ddp", "zero1", "zero2", "zero3")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -82,11 +71,12 @@ def test_data_parallel_family(world, tmp_path):
         rec = records(out_dir)
         if precision == "fp32" and mb == 1:
             sent = sum(e["bytes_sent"] for e in rec[3]["comm"].values())
-            expect = COMM[s](world)
+            expect = zero_comm_bytes(s, PSI, world)  # micro_batches=1
             assert abs(sent - expect) <= 0.05 * expect, f"{label}: ledger {sent} B/step vs formula {expect:.0f}"
-            if s in MEMORY:
+            if s in MEMORY_CHECKED:
                 m = rec[-1]["model_state_bytes"]
-                total, expect = m["params"] + m["grads"] + m["optim"], MEMORY[s](world)
+                total = m["params"] + m["grads"] + m["optim"]
+                expect = sum(zero_model_state_bytes(s, PSI, world).values())
                 assert abs(total - expect) <= 0.10 * expect, f"{label}: model state {m} = {total} vs {expect:.0f}"
                 if s == "zero3":  # the live gathered units, reported beside the shards
                     assert 0 < m["gathered_peak"] <= 4 * PSI * 1.01, m

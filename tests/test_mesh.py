@@ -40,6 +40,8 @@ def _mesh_facts(rank, world):
         "pp": mesh.ranks("pp"),
         "dp_neighbours": mesh.neighbours("dp"),
         "pp_neighbours": mesh.neighbours("pp"),
+        "pp_line": (mesh.prev_rank("pp"), mesh.next_rank("pp"), mesh.is_first("pp"), mesh.is_last("pp")),
+        "pp_ends": mesh.role_ranks("pp_ends"),
         "sums": sums,
         "cp_is_solo": mesh.group("cp") is SOLO,
         "labels": sorted({r[1] for r in comm.ledger.summary_rows()}),
@@ -60,3 +62,25 @@ def test_eight_rank_grid_coordinates_groups_and_neighbours():
         assert f["sums"]["('dp', 'cp')"] == sum(f["dp"])  # cp=1: the same ranks as dp
         assert f["cp_is_solo"]
         assert f["labels"] == ["dp", "pp", "tp"]
+        # a pipeline line has ends: no wrap-around, unlike the ring neighbours
+        other_pp = f["pp"][1 - pp]
+        assert f["pp_line"] == ((None, other_pp, True, False) if pp == 0 else (other_pp, None, False, True))
+        assert f["pp_ends"] == f["pp"]  # pp=2: the first and last stage are the whole line
+
+
+def _pp_roles(rank, world):
+    mesh = Mesh.build(world, rank, pp=4)
+    comm = get_comm("torch")
+    t = torch.tensor([float(rank)])
+    member = rank in mesh.role_ranks("pp_ends")
+    if member:
+        comm.all_reduce(t, group=mesh.role_group("pp_ends"))
+    return mesh.prev_rank("pp"), mesh.next_rank("pp"), mesh.role_ranks("pp_ends"), member, t.item()
+
+
+def test_pipeline_roles_on_a_four_stage_line():
+    facts = run_on_ranks(_pp_roles, 4, timeout=120)
+    assert [f[:2] for f in facts] == [(None, 1), (0, 2), (1, 3), (2, None)]
+    assert all(f[2] == [0, 3] for f in facts)
+    assert [f[3] for f in facts] == [True, False, False, True]
+    assert facts[0][4] == facts[3][4] == 3.0  # the role group sums over ranks 0 and 3 only

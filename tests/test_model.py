@@ -56,3 +56,27 @@ def test_model_presets_have_their_advertised_sizes():
 def test_shape_errors_are_reported():
     assert any("n_kv_heads" in p for p in tiny_cfg(n_heads=4, n_kv_heads=3).check())
     assert any("divisible" in p for p in tiny_cfg(dim=66).check())
+
+
+def test_parts_keep_names_and_chain_to_the_whole_model():
+    """A part keeps its blocks' names (checkpoint names never change with a cut);
+    its ends may be absent; parts run one after another equal the whole model;
+    the last part of a tied model keeps the shared weight under its one name."""
+    from xtrain.model import ModelConfig, build_model
+
+    cfg = ModelConfig(n_layers=4)
+    model = build_model(cfg, seed=0)
+    first = model.part([0, 1], first=True, last=False)
+    middle = model.part([2], first=False, last=False)
+    last = model.part([3], first=False, last=True)
+    assert [n for n, _ in middle.named_parameters()][0].startswith("blocks.2.")
+    assert middle.embed is None and middle.head is None and middle.norm is None
+    assert {n for n, _ in last.named_parameters()} >= {"blocks.3.attn.wq.weight", "embed.weight", "norm.weight"}
+    assert "head.weight" not in dict(last.named_parameters())  # tied: one name for the shared weight
+    names = {n for part in (first, middle, last) for n, _ in part.named_parameters()}
+    assert names == {n for n, _ in model.named_parameters()}
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(last(middle(first(tokens))), model(tokens))
+        positions = torch.arange(16)
+        assert torch.equal(model(tokens, positions=positions), model(tokens))

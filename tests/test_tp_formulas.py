@@ -3,11 +3,13 @@
 One 4-rank job (model=tiny, strategy=tp, tp=2 so dp=2, comm=xtrain, one
 step each, sequence parallel off and on) returns rank 0's comm ledger for the
 step and the bytes autograd saves in one forward at tp=2; the test compares
-the tp group's bytes and call counts with ``tp_comm_formula`` (per layer:
-4 all-reduces of B*T*D, or 4 all-gathers + 4 reduce-scatters under sp; plus
-the embedding, head entry, the loss's three all-reduces of B*T, the
-gradient-norm scalar and the partial-gradient buffer) and checks that
-sequence parallel saves fewer activation bytes.
+the tp group's bytes and call counts with ``xtrain.formulas.tp_comm_per_step``
+(per layer: 4 all-reduces of B*T*D, or 4 all-gathers + 4 reduce-scatters
+under sp; plus the embedding, head entry, the loss's three all-reduces of
+B*T, the gradient-norm scalar and the partial-gradient buffer) and checks
+that sequence parallel saves fewer activation bytes. The measurement helpers
+(``comm_run``, ``memory_cases``, ``ledger_tp``) are the script's, so the
+test and scripts/measure_tensor_parallel.py measure the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from xtrain.config import compose
+from xtrain.formulas import tp_comm_per_step
 from xtrain.model import ModelConfig
 from xtrain.spawn import run_on_ranks
 
@@ -57,7 +60,7 @@ def _mcfg():
 @pytest.mark.parametrize("sp", [False, True], ids=["no-sp", "sp"])
 def test_tp_ledger_matches_per_layer_formula(measured, sp):
     ledger = mtp.ledger_tp(measured[f"comm_sp={sp}"])
-    want = mtp.tp_comm_formula(_mcfg(), B_GLOBAL // (WORLD // TP), T, TP, sp)["total"]
+    want = tp_comm_per_step(_mcfg(), B_GLOBAL // (WORLD // TP), T, TP, sp)["total"]
     assert set(ledger) == set(want), f"ops on tp: ledger {sorted(ledger)} vs formula {sorted(want)}"
     for op, w in want.items():
         got = ledger[op]

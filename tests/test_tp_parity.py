@@ -12,17 +12,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from parity import assert_parity, run_many, single_reference
+from parity import TINY_10_STEPS, assert_parity, run_many, single_reference
 
-BASE = (
-    "model=tiny",
-    "train.steps=10",
-    "train.seq_len=32",
-    "train.global_batch_size=8",
-    "train.warmup_steps=2",
-    "train.eval_every=5",
-    "train.progress=false",
-)
+BASE = TINY_10_STEPS
 LAYOUTS = {
     2: ["strategy=tp", "strategy=tp strategy.sp=true"],
     4: [

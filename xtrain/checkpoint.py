@@ -5,9 +5,13 @@ Layout: ``RUN/checkpoints/step_000100/`` holding
 - replicated strategies (single, dp, ddp): ``model.safetensors`` (parameters by
   name) and ``optim.safetensors`` (AdamW state by parameter name:
   ``NAME/exp_avg``, ``NAME/exp_avg_sq``, ``NAME/step``), written by rank 0;
+- replicated strategies split over pipeline stages: also ``model_rank{R}``
+  and ``optim_rank{R}.safetensors`` from each stage's first rank (its stage's
+  parameters, under their canonical names);
 - sharded strategies (zero1/2/3): ``shard_rank{R}.safetensors`` from every
   rank (its slice of each flat group: ``GROUP/param``, ``GROUP/exp_avg``, ...)
-  and ``shards.json``, the layout that turns the slices back into named tensors;
+  and ``shards.json`` (plus ``shards_rank{R}.json`` per pipeline stage or tp
+  rank), the layout that turns the slices back into named tensors;
 - ``rng_rank{R}.pt`` for every rank, and ``meta.json``.
 
 Every file is written to a temporary name and renamed into place; ``meta.json``
@@ -90,7 +94,10 @@ def unflatten_groups(manifest: dict, shard_files: dict[str, dict[str, torch.Tens
     """
     per_tp: dict[int, tuple[dict, dict]] = {}
     for gname, g in manifest["groups"].items():
-        t = int(gname[2 : gname.index("/")]) if gname.startswith("tp") and "/" in gname else 0
+        if "tp_rank" in g:
+            t = int(g["tp_rank"])
+        else:  # checkpoints written before groups recorded their tp rank
+            t = int(gname[2 : gname.index("/")]) if gname.startswith("tp") and "/" in gname else 0
         params, optim = per_tp.setdefault(t, ({}, {}))
         pieces = [shard_files[f] for f in g["files"]]
         for key in ("param", "exp_avg", "exp_avg_sq"):
@@ -122,15 +129,26 @@ def unflatten_groups(manifest: dict, shard_files: dict[str, dict[str, torch.Tens
 
 
 def read_full_state(path: Path):
-    """(parameters by name, AdamW state by name) from any strategy's checkpoint."""
+    """(parameters by name, AdamW state by name) from any strategy's checkpoint.
+    Several files (one per pipeline stage or tp rank) are merged by name."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
-        params = read_file(path / "model.safetensors")
-        optim_file = path / "optim.safetensors"
-        optim = optim_from_flat_dict(read_file(optim_file)) if optim_file.is_file() else {}
+    models = sorted(path.glob("model*.safetensors"))
+    if models:
+        params, optim = {}, {}
+        for f in models:
+            params.update(read_file(f))
+            optim_file = f.with_name(f.name.replace("model", "optim", 1))
+            if optim_file.is_file():
+                for name, state in optim_from_flat_dict(read_file(optim_file)).items():
+                    optim.setdefault(name, {}).update(state)
         return params, optim
-    if (path / SHARDS).is_file():
-        manifest = read_file(path / SHARDS)
+    manifests = sorted(path.glob(SHARDS.replace(".json", "*.json")))
+    if manifests:
+        manifest = {"groups": {}, "tp_shards": {}}
+        for f in manifests:
+            m = read_file(f)
+            manifest["groups"].update(m["groups"])
+            manifest["tp_shards"].update(m.get("tp_shards", {}))
         files = {f for g in manifest["groups"].values() for f in g["files"]}
         return unflatten_groups(manifest, {f: read_file(path / f) for f in files})
     raise FileNotFoundError(f"{path} holds neither model.safetensors nor {SHARDS}")

@@ -1,4 +1,4 @@
-"""One rank grid over named axes: coordinates, process groups and ring neighbours.
+"""One rank grid over named axes: coordinates, process groups, ring neighbours and pipeline roles.
 
 The grid is ``arange(world).view(pp, dp, cp, ep, tp)`` (picotron's layout):
 tp varies fastest, so tensor-parallel peers are neighbours on a node. A
@@ -9,6 +9,12 @@ coordinate. Every strategy asks the mesh; nobody computes ranks by hand.
 All groups are created once, in a fixed order, by every rank (torch requires
 every process to take part in each ``new_group``), so later strategies add
 axes or combinations without changing callers.
+
+Roles (picotron's ``pp_is_first_stage``, ``pp_next_rank``): along an axis, the
+previous and next rank without wrap-around (None at the ends), first and last;
+and named role groups that are subsets of an axis: ``pp_ends`` is the first and
+last pipeline rank of this rank's pp line (Megatron's embedding group, which
+sums a tied embedding's two gradients).
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class Mesh:
     _by_partition: dict[tuple, object] = field(default_factory=dict, repr=False)
     _timeout: object = field(default=None, repr=False)
     _coords: dict | None = field(default=None, repr=False)
+    _roles: dict[str, tuple[object, list[int]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, world_size: int, rank: int, combos=(("dp", "cp"),), timeout=None, **degrees) -> "Mesh":
@@ -86,6 +93,7 @@ class Mesh:
         mesh._timeout = timeout if timeout is not None else _world_timeout()
         for axes in [(a,) for a in AXES] + [tuple(c) for c in combos]:
             mesh._make_group(axes)
+        mesh._make_role("pp_ends", lambda line: sorted({line[0], line[-1]}), "pp")
         return mesh
 
     # -- coordinates ---------------------------------------------------
@@ -131,10 +139,67 @@ class Mesh:
         return "x".join(_as_axes(axes))
 
     def neighbours(self, axis: str) -> tuple[int, int]:
-        """(previous, next) global ranks on the ring along ``axis``."""
+        """(previous, next) global ranks on the ring along ``axis`` (wrapping around)."""
         ranks = self.ranks(axis)
         i = ranks.index(self.rank)
         return ranks[(i - 1) % len(ranks)], ranks[(i + 1) % len(ranks)]
+
+    # -- roles along a line (no wrap-around: a pipeline, not a ring) -----------
+    def prev_rank(self, axis: str) -> int | None:
+        """The global rank before this one along ``axis``; None on the first."""
+        ranks, i = self.ranks(axis), self.coord(axis)
+        return ranks[i - 1] if i > 0 else None
+
+    def next_rank(self, axis: str) -> int | None:
+        """The global rank after this one along ``axis``; None on the last."""
+        ranks, i = self.ranks(axis), self.coord(axis)
+        return ranks[i + 1] if i + 1 < len(ranks) else None
+
+    def is_first(self, axis: str) -> bool:
+        return self.coord(axis) == 0
+
+    def is_last(self, axis: str) -> bool:
+        return self.coord(axis) == self.degrees[axis] - 1
+
+    def rank_at(self, axis: str, coord: int) -> int:
+        """The global rank with this rank's coordinates but ``coord`` on ``axis``."""
+        return self.ranks(axis)[coord]
+
+    def role_group(self, role: str):
+        """The process group of a named role (``pp_ends``); SOLO when it has one member."""
+        if role not in self._roles:
+            raise KeyError(f"unknown mesh role {role!r}; roles are {sorted(self._roles)}")
+        group, members = self._roles[role]
+        if self.rank not in members:
+            raise KeyError(f"rank {self.rank} is not in role {role} (members {members})")
+        return group
+
+    def role_ranks(self, role: str) -> list[int]:
+        """Global ranks of this rank's role group (those of its line, if it is not a member)."""
+        if role not in self._roles:
+            raise KeyError(f"unknown mesh role {role!r}; roles are {sorted(self._roles)}")
+        return self._roles[role][1]
+
+    def _make_role(self, role: str, members_of_line, axis: str) -> None:
+        """A role group per line along ``axis``: ``members_of_line(line_ranks)`` picks its members."""
+        partition, mine = [], None
+        for r in range(self.world_size):
+            members = members_of_line(self._ranks_of((axis,), r))
+            if members not in partition:
+                partition.append(members)
+            if r == self.rank:
+                mine = members
+        if len(mine) == 1:
+            group = SOLO if mine == [self.rank] else None
+        elif len(mine) == self.degrees[axis]:
+            group = self.group(axis)  # the whole line (pp=2: the ends are the pp group)
+        elif not dist.is_initialized():
+            raise MeshError(f"role {role} needs torch.distributed to be initialized")
+        else:
+            group, _ = dist.new_subgroups_by_enumeration(partition, timeout=self._timeout)
+            if group is not None:  # None: this rank is not in the role (a middle stage)
+                label_group(group, role)
+        self._roles[role] = (group, mine)
 
     def _ranks_of(self, axes, rank) -> list[int]:
         idx = (self.grid == rank).nonzero()[0].tolist()

@@ -25,8 +25,9 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+    """Binary units (1 KiB = 1024 B), as the figures are computed."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
@@ -60,6 +61,19 @@ class MetricsLogger:
             self.progress.start()
         if cfg.logger == "wandb":
             self.wandb_run = _start_wandb(cfg, run_dir)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the rows past ``step`` (a resumed run replays those steps; a failed
+        attempt's rows must not appear twice). Rewritten atomically."""
+        if not self.active:
+            return
+        path = Path(self.file.name)
+        self.file.close()
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a", buffering=1)
 
     def print(self, *args, **kwargs) -> None:
         if self.active:
@@ -95,23 +109,31 @@ class MetricsLogger:
 
 
 def comm_table(rows) -> Table:
-    table = Table(title="communication on rank 0 (whole run)")
-    for col in ("collective", "group", "calls", "sent", "received", "time"):
+    """The ledger's whole-run totals (see docs/metrics.md for the two times)."""
+    table = Table(
+        title="communication on rank 0 (whole run)",
+        caption="in flight: wall time with at least one call outstanding, overlapping calls merged; "
+        "blocked: time the caller waited on them",
+    )
+    for col in ("collective", "group", "calls", "sent", "received", "in flight", "blocked"):
         table.add_column(col, justify="left" if col in ("collective", "group") else "right")
-    for op, group, calls, sent, recv, secs in rows:
-        table.add_row(op, group, str(calls), human_bytes(sent), human_bytes(recv), f"{secs:.3f} s")
+    for op, group, calls, sent, recv, wall, blocked in rows:
+        table.add_row(op, group, str(calls), human_bytes(sent), human_bytes(recv), f"{wall:.3f} s", f"{blocked:.3f} s")
     return table
 
 
 def _start_wandb(cfg, run_dir: Path):
+    # Offline unless the user chose otherwise: no test or default run touches the
+    # network. The mode goes into the environment before wandb is imported:
+    # given only to wandb.init, wandb still resolved one of its hosts (measured).
+    mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
+    os.environ["WANDB_MODE"] = mode
     try:
         import wandb
     except ImportError as e:
         raise RuntimeError("logger=wandb needs wandb: pip install -e '.[wandb]'") from e
     from omegaconf import OmegaConf
 
-    # Offline unless the user chose otherwise: no test or default run touches the network.
-    mode = os.environ.get("WANDB_MODE") or cfg.wandb.mode
     return wandb.init(
         project=cfg.wandb.project,
         name=cfg.wandb.name,

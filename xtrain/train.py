@@ -86,7 +86,9 @@ def validate(cfg: DictConfig, world: int):
     return data
 
 
-def run(cfg: DictConfig, run_dir: str | Path | None = None, return_params: bool = False) -> RunResult:
+def run(cfg: DictConfig, run_dir: str | Path | None = None, return_params: bool = False, on_step=None) -> RunResult:
+    """Train one rank. ``on_step(record)``, if given, is called on every rank after
+    each optimizer step with that step's metrics record (benchmarks hook in here)."""
     rank, world, local_rank = dist_env()
     data = validate(cfg, world)
     device = resolve_device(cfg, local_rank)
@@ -94,13 +96,13 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, return_params: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     owns_pg = init_distributed(cfg, device, world)
     try:
-        return _train(cfg, data, device, rank, world, run_dir, return_params)
+        return _train(cfg, data, device, rank, world, run_dir, return_params, on_step)
     finally:
         if owns_pg and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
+def _train(cfg, data, device, rank, world, run_dir, return_params, on_step=None) -> RunResult:
     torch.manual_seed(cfg.seed)
     # A plain namespace: OmegaConf attribute access costs ~40 us, too much per step.
     t = SimpleNamespace(**OmegaConf.to_container(cfg.train, resolve=True))
@@ -138,6 +140,10 @@ def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
         meta = checkpoint.load(ckpt_path, strategy, model, optimizer)
         start_step = int(meta["step"])
         logger.print(f"resumed from {ckpt_path} at step {start_step}")
+    elif resume == "auto":
+        logger.print(f"train.resume=auto: no complete checkpoint in {run_dir / 'checkpoints'}; training from step 0")
+    # Rows past the start step are a failed attempt's (or an earlier run's in this directory): each step once.
+    logger.truncate_after(start_step)
     if logger.task is not None:
         logger.progress.update(logger.task, completed=start_step)
 
@@ -169,7 +175,7 @@ def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
         with torch.no_grad(), autocast:
             for i in range(t.eval_batches):
                 x, y = local_batch(data.val, step=i, split="val", dp_rank=strategy.dp_rank, dp=strategy.dp_size, **batch_args)
-                total += strategy.eval_loss(model, x.to(device), y.to(device))
+                total += strategy.runner.eval_loss(x.to(device), y.to(device))
         model.train()
         return global_mean(total / t.eval_batches, strategy.loss_weight())[0]
 
@@ -179,14 +185,17 @@ def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
             lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
             set_lr(optimizer, lr)
             x, y = local_batch(data.train, step=step, dp_rank=strategy.dp_rank, dp=strategy.dp_size, **batch_args)
-            loss = strategy.forward_backward(model, x.to(device), y.to(device), t.micro_batches, autocast)
+            loss = strategy.runner.forward_backward(x.to(device), y.to(device), t.micro_batches, autocast)
             strategy.reduce_gradients(model)
             grad_norm = strategy.clip_grad_norm_(model, t.grad_clip)
             strategy.optimizer_step(optimizer)
             if step == start_step or (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 state_bytes = strategy.model_state_bytes(model, optimizer)  # grads still live here
             strategy.zero_grad(model, optimizer)
-            mean_loss, (peak, gnorm) = global_mean(loss, strategy.loss_weight(), peak_memory_bytes(device), float(grad_norm))
+            runner_figures = strategy.runner.step_metrics() if hasattr(strategy.runner, "step_metrics") else {}
+            mean_loss, (peak, gnorm, *runner_max) = global_mean(
+                loss, strategy.loss_weight(), peak_memory_bytes(device), float(grad_norm), *runner_figures.values()
+            )
             step_time = time.perf_counter() - t0
             losses.append(mean_loss)
             done = step + 1
@@ -201,10 +210,13 @@ def _train(cfg, data, device, rank, world, run_dir, return_params) -> RunResult:
                 "peak_mem_bytes": int(peak),
                 "model_state_bytes": state_bytes,
                 "comm": comm.ledger.take_step(),
+                **dict(zip(runner_figures, runner_max)),  # the runner's own figures, max over ranks (pp_wait_s)
             }
             if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
                 record["val_loss"] = val_losses[done] = evaluate()
             logger.log(record)
+            if on_step is not None:
+                on_step(record)
             log.info("step %d loss %.6f", done, mean_loss)
             if t.ckpt_every and (done % t.ckpt_every == 0 or done == t.steps):
                 meta = {"strategy": strategy.name, "world_size": world, "mesh": mesh.degrees, "seed": cfg.seed}
@@ -240,6 +252,18 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    """``python -m xtrain.train [overrides]``. Composes once before Hydra does, so a
+    wrong type, an unknown key or group option ends in one message and exit 2 on
+    every rank (Hydra would print its own error and exit 1)."""
+    from xtrain.config import compose
+
+    args = sys.argv[1:]
+    # Command lines with Hydra's flags (--cfg, --multirun, --help) are left to Hydra.
+    if not any(a.startswith("-") for a in args):
+        try:
+            compose(args)
+        except ConfigError as e:
+            _fail(f"invalid configuration:\n{e}", 2)
     _hydra_main()
 
 

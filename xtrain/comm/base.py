@@ -55,7 +55,7 @@ class Work:
     def wait(self, timeout=None) -> bool:
         if not self._done:
             with guarded(self._op, self._group):
-                self._finish()
+                self._finish(time.perf_counter())
             self._done = True
         return True
 
@@ -74,26 +74,29 @@ class Comm:
     def _timed(self, op: str, group, sent: int, recv: int, run, async_op: bool, traffic=None):
         """Run ``run()`` (which returns a callable that completes the op) and record it.
 
-        Async ops are timed from issue to ``wait()``. When ``traffic`` is given
-        (an object with ``sent``/``recv`` byte and ``messages`` counts filled in while the op
-        runs), the ledger takes the bytes from it at completion instead of
-        ``sent``/``recv``.
+        The ledger gets the interval from issue to completion (``wait()`` for
+        async ops) and the time the caller was blocked: the whole call when
+        synchronous, the time inside ``wait()`` when async. When ``traffic`` is
+        given (an object with ``sent``/``recv`` byte and ``messages`` counts
+        filled in while the op runs), the ledger takes the bytes from it at
+        completion instead of ``sent``/``recv``.
         """
         t0 = time.perf_counter()
         with guarded(op, group):
             finish = run()
 
-        def complete():
+        def complete(blocked_since: float):
             finish()
             if group is SOLO:  # a one-member group moves nothing: keep it out of the ledger
                 return
             s, r, m = (traffic.sent, traffic.recv, traffic.messages) if traffic is not None else (sent, recv, 0)
-            self.ledger.record(op, group_label(group), s, r, time.perf_counter() - t0, m)
+            end = time.perf_counter()
+            self.ledger.record(op, group_label(group), s, r, t0, end, end - blocked_since, m)
 
         if async_op:
             return Work(complete, op, group)
         with guarded(op, group):
-            complete()
+            complete(t0)
         return None
 
     # The collectives; each implementation defines them all.

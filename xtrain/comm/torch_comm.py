@@ -2,8 +2,8 @@
 
 The reference the hand-written implementation is tested and benchmarked
 against. Bytes in the ledger are the ring algorithm's per-rank figures for S
-bytes on n ranks (nccl-tests' convention), since the backend does not report
-its own traffic.
+bytes on n ranks (nccl-tests' convention; ``xtrain.formulas``), since the
+backend does not report its own traffic.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch.distributed import ReduceOp
 
+from xtrain import formulas
 from xtrain.comm.base import Comm, nbytes
 from xtrain.comm.groups import SOLO, group_rank, group_ranks, group_size
 
@@ -25,6 +26,17 @@ def _pg(group):
 
 def _done():
     return None
+
+
+def _chain_hops(ranks, me, root, into_root=False) -> int:
+    """Links between global ranks ``me`` and ``root`` along a chain in group order:
+    from the root (root -> root+1 -> ...) or, ``into_root``, to it (root+1 -> ...
+    -> root); -1, neither end of the chain, when ``me`` is not a member."""
+    r = ranks.index(root)
+    if me not in ranks:
+        return -1
+    pos = (ranks.index(me) - r) % len(ranks)
+    return -pos % len(ranks) if into_root else pos
 
 
 class TorchComm(Comm):
@@ -43,7 +55,7 @@ class TorchComm(Comm):
         n = group_size(group)
         if group is SOLO:
             return self._timed("all_reduce", group, 0, 0, lambda: _done, async_op)
-        s = nbytes(tensor) * 2 * (n - 1) // n
+        s = formulas.ring_bytes("all_reduce", nbytes(tensor), n)
         return self._issue(
             "all_reduce", group, s, s, lambda: dist.all_reduce(tensor, op=op, group=group, async_op=True), async_op
         )
@@ -52,7 +64,7 @@ class TorchComm(Comm):
         n = group_size(group)
         if group is SOLO:
             return self._timed("reduce_scatter", group, 0, 0, lambda: (output.copy_(input), _done)[1], async_op)
-        s = nbytes(input) * (n - 1) // n
+        s = formulas.ring_bytes("reduce_scatter", nbytes(input), n)
         return self._issue(
             "reduce_scatter",
             group,
@@ -68,7 +80,7 @@ class TorchComm(Comm):
             return self._timed(
                 "all_gather", group, 0, 0, lambda: (output_tensor.copy_(input_tensor.view_as(output_tensor)), _done)[1], async_op
             )
-        s = nbytes(output_tensor) * (n - 1) // n
+        s = formulas.ring_bytes("all_gather", nbytes(output_tensor), n)
         return self._issue(
             "all_gather",
             group,
@@ -82,7 +94,7 @@ class TorchComm(Comm):
         n = group_size(group)
         if group is SOLO:
             return self._timed("all_gather", group, 0, 0, lambda: (tensor_list[0].copy_(tensor), _done)[1], async_op)
-        s = nbytes(tensor) * (n - 1)
+        s = formulas.ring_bytes("all_gather", nbytes(tensor) * n, n)
         return self._issue(
             "all_gather", group, s, s, lambda: dist.all_gather(tensor_list, tensor, group=group, async_op=True), async_op
         )
@@ -90,10 +102,9 @@ class TorchComm(Comm):
     def broadcast(self, tensor, src, group=None, async_op=False):
         if group is SOLO:
             return self._timed("broadcast", group, 0, 0, lambda: _done, async_op)
-        ranks, me = group_ranks(group), dist.get_rank()
-        s = nbytes(tensor)
-        last = ranks[(ranks.index(src) - 1) % len(ranks)]  # end of the chain from src
-        sent, recv = (0 if me == last else s), (0 if me == src else s)
+        ranks = group_ranks(group)
+        hops = _chain_hops(ranks, dist.get_rank(), src)  # the chain src -> src+1 -> ...
+        sent, recv, _ = formulas.chain_broadcast_traffic(nbytes(tensor), len(ranks), hops)
         return self._issue(
             "broadcast", group, sent, recv, lambda: dist.broadcast(tensor, src, group=group, async_op=True), async_op
         )
@@ -101,10 +112,9 @@ class TorchComm(Comm):
     def reduce(self, tensor, dst, op=ReduceOp.SUM, group=None, async_op=False):
         if group is SOLO:
             return self._timed("reduce", group, 0, 0, lambda: _done, async_op)
-        ranks, me = group_ranks(group), dist.get_rank()
-        s = nbytes(tensor)
-        first = ranks[(ranks.index(dst) + 1) % len(ranks)]  # start of the chain into dst
-        sent, recv = (0 if me == dst else s), (0 if me == first else s)
+        ranks = group_ranks(group)
+        hops = _chain_hops(ranks, dist.get_rank(), dst, into_root=True)  # the chain dst+1 -> ... -> dst
+        sent, recv, _ = formulas.chain_reduce_traffic(nbytes(tensor), len(ranks), hops)
         return self._issue(
             "reduce", group, sent, recv, lambda: dist.reduce(tensor, dst, op=op, group=group, async_op=True), async_op
         )
@@ -112,8 +122,8 @@ class TorchComm(Comm):
     def gather(self, tensor, gather_list=None, dst=0, group=None, async_op=False):
         if group is SOLO:
             return self._timed("gather", group, 0, 0, lambda: (gather_list[0].copy_(tensor), _done)[1], async_op)
-        n, s, root = group_size(group), nbytes(tensor), dist.get_rank() == dst
-        sent, recv = (0, s * (n - 1)) if root else (s, 0)
+        root = dist.get_rank() == dst
+        sent, recv, _ = formulas.gather_traffic(nbytes(tensor), group_size(group), root)
         return self._issue(
             "gather",
             group,
@@ -126,8 +136,8 @@ class TorchComm(Comm):
     def scatter(self, tensor, scatter_list=None, src=0, group=None, async_op=False):
         if group is SOLO:
             return self._timed("scatter", group, 0, 0, lambda: (tensor.copy_(scatter_list[0]), _done)[1], async_op)
-        n, s, root = group_size(group), nbytes(tensor), dist.get_rank() == src
-        sent, recv = (s * (n - 1), 0) if root else (0, s)
+        root = dist.get_rank() == src
+        sent, recv, _ = formulas.scatter_traffic(nbytes(tensor), group_size(group), root)
         return self._issue(
             "scatter",
             group,
@@ -147,8 +157,8 @@ class TorchComm(Comm):
         row_out = nbytes(output) // max(output.shape[0], 1) if output.dim() else 0
         in_splits = input_split_sizes or [input.shape[0] // n] * n
         out_splits = output_split_sizes or [output.shape[0] // n] * n
-        sent = (sum(in_splits) - in_splits[me]) * row_in
-        recv = (sum(out_splits) - out_splits[me]) * row_out
+        sent = formulas.all_to_all_bytes(in_splits, me) * row_in
+        recv = formulas.all_to_all_bytes(out_splits, me) * row_out
         return self._issue(
             "all_to_all",
             group,
@@ -166,8 +176,8 @@ class TorchComm(Comm):
                 "all_to_all", group, 0, 0, lambda: (output_tensor_list[0].copy_(input_tensor_list[0]), _done)[1], async_op
             )
         me = group_rank(group)
-        sent = sum(nbytes(t) for i, t in enumerate(input_tensor_list) if i != me)
-        recv = sum(nbytes(t) for i, t in enumerate(output_tensor_list) if i != me)
+        sent = formulas.all_to_all_bytes([nbytes(t) for t in input_tensor_list], me)
+        recv = formulas.all_to_all_bytes([nbytes(t) for t in output_tensor_list], me)
         return self._issue(
             "all_to_all",
             group,

@@ -90,12 +90,27 @@ def apply_rope(x_BTHE, cos_TE, sin_TE):
     return out.flatten(-2).type_as(x_BTHE)
 
 
+class CausalAttention(nn.Module):
+    """softmax(q k^T / sqrt(E) + causal mask) v over (B, H, T, E) tensors, with
+    k and v given once per kv head (B, K, T, E), repeated here for the H/K query
+    heads of each. The inner kernel of ``Attention``: a transform may swap it
+    (context parallelism attends over a sequence spread across ranks)."""
+
+    def forward(self, q_BHTE, k_BKTE, v_BKTE):
+        rep = q_BHTE.shape[1] // k_BKTE.shape[1]
+        if rep > 1:
+            k_BKTE = k_BKTE.repeat_interleave(rep, dim=1)
+            v_BKTE = v_BKTE.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q_BHTE, k_BKTE, v_BKTE, is_causal=True)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention: n_kv_heads key/value heads shared by n_heads queries."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.inner_attention = CausalAttention()
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -110,11 +125,7 @@ class Attention(nn.Module):
         v = self.wv(x_BTD).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # B,H,T,E
-        rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = self.inner_attention(q, k, v)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -144,12 +155,36 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class Blocks(nn.ModuleDict):
+    """The transformer blocks keyed by their layer index in the whole model, so a
+    model that holds only some of them (a part, below) keeps their parameter
+    names (``blocks.3.attn.wq.weight`` stays that whatever else is absent).
+    Iterates over the blocks in layer order, as a ModuleList would."""
+
+    def __init__(self, blocks: dict[int, nn.Module]):
+        super().__init__({str(i): b for i, b in sorted(blocks.items())})
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __getitem__(self, i):
+        return self._modules[str(i)]
+
+    def indices(self) -> list[int]:
+        return [int(k) for k in self._modules]
+
+
 class Transformer(nn.Module):
+    """Embedding, blocks, final norm and head. ``forward`` takes token ids, or
+    hidden states when the model is a part that does not start at the
+    embedding; each end may be absent (None) on a part."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.input_is_tokens = True
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = Blocks({i: Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -171,14 +206,41 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, std, generator=generator)
 
-    def forward(self, tokens_BT, positions_offset: int = 0):
-        T = tokens_BT.shape[1]
-        cos = self.rope_cos[positions_offset : positions_offset + T]
-        sin = self.rope_sin[positions_offset : positions_offset + T]
-        x = self.embed(tokens_BT)
+    def forward(self, x, positions: torch.Tensor | None = None):
+        """Logits (B, T, V) from token ids (B, T); on a part, hidden states (B, T, D)
+        in or out where an end is absent. ``positions`` (T,) are the rotary
+        positions of the T columns (default 0..T-1)."""
+        T = x.shape[1]
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if self.input_is_tokens:
+            x = self.embed(x)
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.head(self.norm(x))  # B,T,V logits
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.head(x) if self.head is not None else x
+
+    def part(self, layers, *, first: bool, last: bool) -> "Transformer":
+        """A model made of some of this one's modules (shared, not copied): the
+        blocks ``layers``, the embedding if ``first``, the final norm and head if
+        ``last``. A part that ends at the head keeps the embedding module when the
+        weights are tied, so the shared weight keeps its one name
+        (``embed.weight``); it does not embed its input unless ``first``."""
+        part = Transformer.__new__(Transformer)
+        nn.Module.__init__(part)
+        part.cfg = self.cfg
+        part.input_is_tokens = first and self.input_is_tokens
+        tied = self.head is not None and self.embed is not None and self.head.weight is self.embed.weight
+        part.embed = self.embed if first or (last and tied) else None
+        part.blocks = Blocks({i: self.blocks[i] for i in layers})
+        part.norm = self.norm if last else None
+        part.head = self.head if last else None
+        part.register_buffer("rope_cos", self.rope_cos, persistent=False)
+        part.register_buffer("rope_sin", self.rope_sin, persistent=False)
+        return part
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,12 +1,19 @@
 """Parallel strategies, each a transform applied from outside to a plain model.
 
-``STRATEGIES`` maps ``strategy.name`` to its class.
+``STRATEGIES`` maps ``strategy.name`` to its class. The model transforms apply
+in this order for every strategy (torchtitan's): the pipeline split (each rank
+keeps its stages), then tensor parallel, so the data-parallel flavours see
+this rank's local shards as the parameters.
 """
 
 from xtrain.parallel.base import Single, Strategy
-from xtrain.parallel.data import DataParallel, DistributedDataParallel, TensorParallel
+from xtrain.parallel.data import DataParallel, DistributedDataParallel, PipelineParallel, TensorParallel
+from xtrain.parallel.pipeline.stages import pipeline_transform
+from xtrain.parallel.tensor import tensor_parallel_transform
 from xtrain.parallel.zero import Zero1, Zero2, Zero3
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, DataParallel, DistributedDataParallel, TensorParallel, Zero1, Zero2, Zero3)}
+Strategy.transforms = (pipeline_transform, tensor_parallel_transform)
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Single, DataParallel, DistributedDataParallel, TensorParallel, PipelineParallel, Zero1, Zero2, Zero3)}
 
 __all__ = ["STRATEGIES", "Strategy"]

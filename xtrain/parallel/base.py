@@ -1,15 +1,25 @@
-"""The strategy interface: a transform applied from outside to a plain model,
+"""The strategy interface: transforms applied from outside to a plain model,
 its optimizer and its training step.
 
-The trainer calls, per optimizer step::
+``parallelize`` applies the model transforms in a fixed order (pipeline
+split, then tensor parallel; torchtitan's order), builds the step runner
+(the plain micro-batch loop, or the pipeline executor), then the data-parallel
+flavour of the subclass. The trainer then calls, per optimizer step::
 
-    for each micro-batch:
-        with strategy.no_sync(model) (all but the last):  loss.backward()
+    loss = strategy.runner.forward_backward(x, y, micro_batches, autocast)
     strategy.reduce_gradients(model)
     norm = strategy.clip_grad_norm_(model, max_norm)
     strategy.optimizer_step(optimizer)
     strategy.zero_grad(model, optimizer)
 
+The runner wraps the last backward of each model chunk in the step in
+``strategy.grads_final(chunk)``: the data-parallel flavours start their
+gradient reduction there (ddp arms that chunk's buckets).
+
+Everything generic here reads the parameters' placement marks
+(``xtrain.parallel.placement``), never a mesh axis by name: each transform
+marks what it changes, adds the axes it splits the model over to
+``model_axes``, and may replace ``loss_fn`` or ``runner_cls``.
 A strategy reads its options and the mesh; it never reaches back into the
 config or the launcher.
 """
@@ -24,16 +34,15 @@ import torch.nn.functional as F
 
 from xtrain.checkpoint import OPTIM_KEYS, optim_to_flat_dict
 from xtrain.comm import SOLO, Comm, ReduceOp
-from xtrain.data import split_micro
 from xtrain.mesh import Mesh
 from xtrain.optim import build_optimizer
-from xtrain.parallel.tensor import (
-    apply_tensor_parallel,
-    gather_tp_tensor,
-    shard_full_tensor,
-    tp_grads_for_norm,
-    tp_shard_spec,
-)
+from xtrain.parallel import placement as pl
+from xtrain.parallel.runner import MicroBatchRunner
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 class Strategy:
@@ -42,10 +51,19 @@ class Strategy:
     supported_axes: tuple[str, ...] = ()
     # Whether it runs without torch.distributed (only `single`).
     single_process = False
+    # Model transforms, in the order they apply: functions (strategy, model) -> model
+    # that return the model unchanged when their axis has degree 1 (set in xtrain.parallel).
+    transforms: tuple = ()
 
     def __init__(self, mesh: Mesh, comm: Comm, options):
         self.mesh, self.comm, self.options = mesh, comm, options
-        self.tp_context = None  # set by apply_tp when tp > 1
+        self.loss_fn = cross_entropy  # a transform may replace it (tp: vocab-parallel)
+        self.model_axes: list[str] = []  # axes the model is split over: the grad norm sums there
+        self.loss_counts = True  # whether this rank's loss enters the global mean
+        self.seq_parts = 1  # parts each sequence's activations are split into between blocks (sp, cp)
+        self.runner_cls = MicroBatchRunner
+        self.runner = None
+        self.canonical: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # the whole model's parameters
 
     # -- validation (static: runs before any process group exists) ---------
     @classmethod
@@ -72,56 +90,37 @@ class Strategy:
 
     def loss_weight(self) -> float:
         """1 if this rank's loss counts in the global mean (0 for replicas of
-        another's: every tp rank computes the same loss)."""
-        return 1.0 if self.mesh.coord("tp") == 0 else 0.0
+        another's, or a rank that computes no loss)."""
+        return 1.0 if self.loss_counts else 0.0
 
     # -- the transform ------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
+        self.canonical = {n: (tuple(p.shape), p.dtype) for n, p in model.named_parameters()}
+        for transform in self.transforms:
+            model = transform(self, model)
+        self.runner = self.runner_cls(self, model)
+        return self.apply_data_parallel(model)
+
+    def apply_data_parallel(self, model: nn.Module) -> nn.Module:
+        """The data-parallel flavour, over the runner's chunks (subclasses)."""
         return model
 
-    def apply_tp(self, model: nn.Module) -> nn.Module:
-        """Tensor (and sequence) parallelism over the tp axis, applied first, so
-        the data-parallel transforms see the local shards as the parameters."""
-        if self.mesh.degrees["tp"] > 1:
-            apply_tensor_parallel(model, self.mesh, self.comm, sequence_parallel=bool(self.options.get("sp", False)))
-            self.tp_context = model.tp_context
-        return model
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross entropy, computed in fp32 (vocab-parallel under tp)."""
-        if self.tp_context is not None:
-            return self.tp_context.loss(logits, targets)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-    def forward_backward(self, model: nn.Module, x, y, micro_batches: int, autocast) -> torch.Tensor:
-        """Run forward and backward over ``micro_batches`` slices of this rank's
-        batch; gradients accumulate as the mean over all of them. Returns the
-        mean loss (detached). Only the last micro-batch may communicate."""
-        total = torch.zeros((), device=x.device)
-        xs, ys = split_micro(x, micro_batches), split_micro(y, micro_batches)
-        for i, (xb, yb) in enumerate(zip(xs, ys)):
-            sync = i == micro_batches - 1
-            with (contextlib.nullcontext() if sync else self.no_sync(model)):
-                with autocast:
-                    loss = self.loss(model(xb), yb)
-                (loss / micro_batches).backward()
-            total += loss.detach()
-        return total / micro_batches
-
-    @torch.no_grad()
-    def eval_loss(self, model: nn.Module, x, y) -> torch.Tensor:
-        return self.loss(model(x), y)
-
-    def no_sync(self, model: nn.Module):
-        """Context for micro-batches whose gradients are not yet reduced."""
+    def grads_final(self, chunk: nn.Module):
+        """Context for the last backward of ``chunk`` in this step: its gradients
+        are complete once it exits, so their reduction may start."""
         return contextlib.nullcontext()
 
     def reduce_gradients(self, model: nn.Module) -> None:
-        pass
+        self.reduce_partial_grads(model)
+
+    def reduce_partial_grads(self, model: nn.Module) -> None:
+        """Sum every gradient marked Partial over its group (norms under sequence
+        parallel, a tied embedding's two pipeline copies)."""
+        pl.reduce_partial_grads([(p, p.grad) for p in model.parameters()], self.comm, self.mesh)
 
     def grad_norm_groups(self) -> list:
         """Groups over which this rank's counted gradients are partitioned."""
-        return [self.mesh.group("tp")] if self.tp_context is not None else []
+        return [self.mesh.group(a) for a in self.model_axes]
 
     def local_grads(self, model: nn.Module) -> list[torch.Tensor]:
         """Every gradient the optimizer on this rank will step with."""
@@ -129,11 +128,11 @@ class Strategy:
 
     def counted_grads(self, model: nn.Module) -> list[torch.Tensor]:
         """The gradients that enter the norm on this rank, so that summing over
-        ``grad_norm_groups`` counts every element once (under tp, replicated
-        parameters count on tp rank 0 only)."""
-        if self.tp_context is not None:
-            return tp_grads_for_norm(model, self.mesh.coord("tp"))
-        return self.local_grads(model)
+        ``grad_norm_groups`` counts every element once (a replica counts on its
+        first holder only)."""
+        return [
+            p.grad for p in model.parameters() if p.grad is not None and pl.counts_in_norm(p, self.model_axes, self.mesh)
+        ]
 
     @torch.no_grad()
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -141,10 +140,11 @@ class Strategy:
         summed locally, reduced over the shard groups, and every rank applies the
         same scale min(1, max_norm / (norm + 1e-6)) (as torch's clip_grad_norm_)."""
         grads, counted = self.local_grads(model), self.counted_grads(model)
+        device = grads[0].device if grads else next((b.device for b in model.buffers()), None)
         if counted:  # one fused kernel per dtype, as torch's clip_grad_norm_
             norm_sq = torch.stack(torch._foreach_norm(counted)).float().pow(2).sum()
         else:
-            norm_sq = torch.zeros((), device=grads[0].device if grads else None)
+            norm_sq = torch.zeros((), device=device)
         for group in self.grad_norm_groups():
             if group is not SOLO:  # whole gradients on this rank: nothing to add up
                 self.comm.all_reduce(norm_sq, op=ReduceOp.SUM, group=group)
@@ -182,21 +182,27 @@ class Strategy:
 
     # -- checkpoints (canonical form: full tensors by parameter name) ---------------
     def checkpoint_files(self, model: nn.Module, optimizer) -> dict[str, object]:
-        """Files this rank writes: name -> content. Replicated state: rank 0 only
-        (every rank joins the gather of tp shards first)."""
+        """Files this rank writes: name -> content. Each tensor is written whole,
+        once, by its primary holder (every rank joins the gathers of shards
+        first); rank 0's files are ``model.safetensors`` and ``optim.safetensors``,
+        another primary's (a pipeline stage's) carry its rank."""
         params, optim = self.full_state(model, optimizer)
-        if self.mesh.rank != 0:
+        primary = [n for n, p in model.named_parameters() if pl.is_primary(p, self.mesh)]
+        if not primary:
             return {}
-        return {"model.safetensors": params, "optim.safetensors": optim_to_flat_dict(optim)}
+        suffix = "" if self.mesh.rank == 0 else f"_rank{self.mesh.rank}"
+        return {
+            f"model{suffix}.safetensors": {n: params[n] for n in primary},
+            f"optim{suffix}.safetensors": optim_to_flat_dict({n: optim[n] for n in primary if n in optim}),
+        }
 
     def _whole(self, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """``t`` (a parameter or a state shaped like it) whole: gathered over tp if sharded."""
-        if self.tp_context is None:
-            return t.detach()
-        return gather_tp_tensor(t, tp_shard_spec(p), self.comm, self.mesh.group("tp"))
+        """``t`` (a parameter or a state shaped like it) whole: gathered over its shard axes."""
+        return pl.whole(t, p, self.comm, self.mesh)
 
     def full_state(self, model: nn.Module, optimizer):
-        """(parameters by name, AdamW state by name), whole, on CPU. Collective under tp."""
+        """(parameters by name, AdamW state by name) held here, whole, on CPU.
+        Collective over the shard axes."""
         params, optim = {}, {}
         for n, p in model.named_parameters():
             params[n] = self._whole(p, p).cpu().clone()
@@ -208,19 +214,54 @@ class Strategy:
 
     @torch.no_grad()
     def load_full_state(self, model: nn.Module, optimizer, params: dict, optim: dict) -> None:
-        """Load the canonical form: each rank keeps its tp shard of every tensor."""
-        check_names(model, params)
+        """Load the canonical form: each rank keeps its piece of every tensor it holds."""
+        check_names(self.canonical or dict(model.named_parameters()), params)
         for n, p in model.named_parameters():
-            p.copy_(shard_full_tensor(params[n], p))
+            p.copy_(pl.local_piece(params[n], p))
             if n in optim:
                 optimizer.state[p] = {
-                    k: v.clone() if k == "step" else shard_full_tensor(v, p).to(p.device).clone()
+                    k: v.clone() if k == "step" else pl.local_piece(v, p).to(p.device).clone()
                     for k, v in optim[n].items()
                 }
 
-    def full_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every parameter, whole, on CPU in fp32 (a collective where shards exist)."""
+    def local_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter held here, whole, on CPU in fp32 (collective over shard axes)."""
         return {n: self._whole(p, p).float().cpu().clone() for n, p in model.named_parameters()}
+
+    def full_parameters(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter of the whole model, on CPU in fp32, complete on rank 0
+        (other ranks get those they hold). A collective."""
+        local = self.local_parameters(model)
+        if self.mesh.world_size == 1:
+            return local
+        return self._collect_on_rank0(local, {n for n, p in model.named_parameters() if pl.is_primary(p, self.mesh)})
+
+    def _collect_on_rank0(self, local: dict, primary: set) -> dict:
+        """Bring to rank 0 the tensors that only other ranks hold: every rank names
+        the primary holder of each canonical parameter (one all-reduce), then
+        each holder sends its tensors to rank 0."""
+        names = sorted(self.canonical)
+        device = next(iter(self.runner.chunks[0].parameters())).device if self.runner else torch.device("cpu")
+        mine = [n in primary for n in names]
+        owner = torch.tensor([self.mesh.rank + 1 if m else 0 for m in mine] + [float(m) for m in mine],
+                             dtype=torch.float64, device=device)
+        self.comm.all_reduce(owner, op=ReduceOp.SUM)
+        owner, holders = owner.long().tolist()[: len(names)], owner.long().tolist()[len(names):]
+        wrong = [f"{n} ({h} primary holders)" for n, h in zip(names, holders) if h != 1]
+        if wrong:  # a transform's marks are inconsistent: fail on every rank instead of waiting forever
+            raise RuntimeError(f"full_parameters: each parameter needs one primary holder: {', '.join(wrong[:5])}")
+        out = dict(local)
+        for n, o in zip(names, owner):
+            src = o - 1
+            if src == 0:
+                continue
+            if self.mesh.rank == src:
+                self.comm.send(local[n].to(device), dst=0)
+            elif self.mesh.rank == 0:
+                buf = torch.empty(self.canonical[n][0], dtype=torch.float32, device=device)
+                self.comm.recv(buf, src=src)
+                out[n] = buf.cpu()
+        return out
 
 
 def storage_bytes(tensors) -> int:
@@ -236,8 +277,9 @@ def storage_bytes(tensors) -> int:
     return total
 
 
-def check_names(model: nn.Module, params: dict) -> None:
-    expected = {n for n, _ in model.named_parameters()}
+def check_names(expected_names, params: dict) -> None:
+    """A checkpoint must hold exactly the whole model's parameters."""
+    expected = set(expected_names)
     missing, extra = expected - params.keys(), params.keys() - expected
     if missing or extra:
         raise ValueError(f"checkpoint does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")

@@ -5,13 +5,15 @@ axis, one collective per parameter: the textbook version.
 
 ``ddp``: gradients live in flat buckets of about ``bucket_mb`` MB (the first
 one ``first_bucket_mb``, 1 by default), filled in
-reverse parameter order (the order backward produces them). Each parameter's
+reverse parameter order (the order backward produces them), per model chunk
+(the runner's chunks: the whole model, or this rank's pipeline stages). Each parameter's
 ``.grad`` is a view into its bucket, so autograd accumulates straight into the
 buffer the collective reads. When the last gradient of a bucket arrives
 (a post-accumulate-grad hook), the bucket's all-reduce starts asynchronously
 while backward goes on computing earlier layers (Li et al., "PyTorch
-Distributed", VLDB 2020). Under ``no_sync`` (all micro-batches but the last)
-nothing is sent and gradients accumulate locally.
+Distributed", VLDB 2020). Buckets send only during the chunk's last backward
+of the step (the runner's ``grads_final(chunk)``); before that gradients
+accumulate locally, as under torch's ``no_sync``.
 
 Per rank and step both move 2Ψ(dp-1)/dp elements each way (ring all-reduce).
 """
@@ -26,7 +28,6 @@ import torch.nn as nn
 from xtrain.comm import SOLO, ReduceOp
 from xtrain.parallel.base import Strategy
 from xtrain.parallel.flat import FlatGroup
-from xtrain.parallel.tensor import reduce_tp_partial_grads
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,20 +45,17 @@ def check_reduce_dtype(options) -> list[str]:
 
 class DataParallel(Strategy):
     name = "dp"
-    supported_axes = ("dp", "tp")
+    supported_axes = ("pp", "dp", "tp")
 
     @classmethod
     def check(cls, options, degrees, world_size):
         return super().check(options, degrees, world_size) + check_reduce_dtype(options)
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        return self.apply_tp(model)
-
     @torch.no_grad()
     def reduce_gradients(self, model: nn.Module) -> None:
         group, dtype = self.mesh.group("dp"), reduce_dtype_of(self.options)
         for p in model.parameters():
-            if p.grad is None or group is SOLO:  # dp=1 (pure tp): nothing to average
+            if p.grad is None or group is SOLO:  # dp=1: nothing to average
                 continue
             if p.grad.dtype == dtype:
                 self.comm.all_reduce(p.grad, op=ReduceOp.AVG, group=group)
@@ -65,13 +63,7 @@ class DataParallel(Strategy):
                 g = p.grad.to(dtype)
                 self.comm.all_reduce(g, op=ReduceOp.AVG, group=group)
                 p.grad.copy_(g)
-        self.reduce_tp_partial(model)
-
-    def reduce_tp_partial(self, model: nn.Module) -> None:
-        """Sum over tp the gradients of replicated parameters that each tp rank
-        only partly computed (norms under sequence parallel, shared kv heads)."""
-        if self.tp_context is not None:
-            reduce_tp_partial_grads(model, self.comm, self.mesh.group("tp"))
+        self.reduce_partial_grads(model)
 
 
 class Bucket:
@@ -79,6 +71,7 @@ class Bucket:
 
     def __init__(self, layout: FlatGroup, buffer: torch.Tensor):
         self.layout, self.buffer = layout, buffer
+        self.armed = False  # sends only during its chunk's last backward of the step
         self.pending = len(layout.params)
         self.work = None
         self.comm_buffer = None
@@ -91,32 +84,37 @@ class Bucket:
 class DistributedDataParallel(DataParallel):
     name = "ddp"
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        model = self.apply_tp(model)
+    def apply_data_parallel(self, model: nn.Module) -> nn.Module:
         self.reduce_dtype = reduce_dtype_of(self.options)
-        self.sync = True
         limit = float(self.options.get("bucket_mb", 25)) * 2**20
         # The first bucket (the last layers) is small, so its all-reduce starts
         # early in backward and overlaps the rest (torch DDP caps it at 1 MB too).
         first_limit = min(limit, float(self.options.get("first_bucket_mb", 1)) * 2**20)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad][::-1]
-        runs, run, size = [], [], 0
-        for n, p in named:  # a bucket closes once it reaches its limit (as torch DDP's)
-            run.append((n, p))
-            size += p.numel() * p.element_size()
-            if size >= (first_limit if not runs else limit):
+        self.buckets, self.chunk_buckets, seen = [], {}, set()
+        for chunk in self.runner.chunks:
+            named = [(n, p) for n, p in chunk.named_parameters() if p.requires_grad][::-1]
+            if seen & {id(p) for _, p in named}:
+                raise NotImplementedError("ddp: a parameter shared by two model chunks on one rank")
+            seen |= {id(p) for _, p in named}
+            runs, run, size = [], [], 0
+            for n, p in named:  # a bucket closes once it reaches its limit (as torch DDP's)
+                run.append((n, p))
+                size += p.numel() * p.element_size()
+                if size >= (first_limit if not runs else limit):
+                    runs.append(run)
+                    run, size = [], 0
+            if run:
                 runs.append(run)
-                run, size = [], 0
-        if run:
-            runs.append(run)
-        self.buckets = []
-        for b, run in enumerate(runs):
-            layout = FlatGroup([n for n, _ in run], [p for _, p in run], shards=1)
-            bucket = Bucket(layout, torch.zeros(layout.numel, dtype=run[0][1].dtype, device=run[0][1].device))
-            self.buckets.append(bucket)
-            for i, (_, p) in enumerate(run):
-                p.grad = bucket.view(i)
-                p.register_post_accumulate_grad_hook(self._hook(bucket, i))
+            mine = []
+            for run in runs:
+                layout = FlatGroup([n for n, _ in run], [p for _, p in run], shards=1)
+                bucket = Bucket(layout, torch.zeros(layout.numel, dtype=run[0][1].dtype, device=run[0][1].device))
+                mine.append(bucket)
+                for i, (_, p) in enumerate(run):
+                    p.grad = bucket.view(i)
+                    p.register_post_accumulate_grad_hook(self._hook(bucket, i))
+            self.buckets += mine
+            self.chunk_buckets[id(chunk)] = mine
         return model
 
     def _hook(self, bucket: Bucket, i: int):
@@ -125,7 +123,7 @@ class DistributedDataParallel(DataParallel):
                 # autograd replaced the view (it does when the grad is shared): put it back
                 bucket.view(i).copy_(p.grad)
                 p.grad = bucket.view(i)
-            if not self.sync:
+            if not bucket.armed:
                 return
             bucket.pending -= 1
             if bucket.pending == 0:
@@ -138,16 +136,19 @@ class DistributedDataParallel(DataParallel):
         bucket.comm_buffer = buf
         bucket.work = self.comm.all_reduce(buf, op=ReduceOp.AVG, group=self.mesh.group("dp"), async_op=True)
 
-    def no_sync(self, model: nn.Module):
+    def grads_final(self, chunk: nn.Module):
         @contextlib.contextmanager
-        def paused():
-            self.sync = False
+        def armed():
+            buckets = self.chunk_buckets[id(chunk)]
+            for b in buckets:
+                b.armed = True
             try:
                 yield
             finally:
-                self.sync = True
+                for b in buckets:
+                    b.armed = False
 
-        return paused()
+        return armed()
 
     @torch.no_grad()
     def reduce_gradients(self, model: nn.Module) -> None:
@@ -160,7 +161,7 @@ class DistributedDataParallel(DataParallel):
                 bucket.buffer.copy_(bucket.comm_buffer)
             bucket.work = bucket.comm_buffer = None
             bucket.pending = len(bucket.layout.params)
-        self.reduce_tp_partial(model)
+        self.reduce_partial_grads(model)
 
     def zero_grad(self, model: nn.Module, optimizer) -> None:
         for bucket in self.buckets:
@@ -173,3 +174,11 @@ class TensorParallel(DataParallel):
     remaining ranks. ddp, zero1 and zero2 compose with tp the same way."""
 
     name = "tp"
+
+
+class PipelineParallel(DataParallel):
+    """``strategy=pp``: pipeline parallelism (``strategy.pp``, default 2, and
+    ``strategy.pp_schedule``), with plain data parallelism over any remaining
+    ranks. ddp, zero1 and zero2 compose with pp the same way."""
+
+    name = "pp"

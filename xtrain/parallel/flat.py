@@ -90,8 +90,9 @@ def model_units(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Paramete
     children = dict(model.named_children())
     if "embed" in children:
         units.append(("embed", [(f"embed.{n}", p) for n, p in unique_named_parameters(children["embed"], seen)]))
-    for i, block in enumerate(children.get("blocks", [])):
-        units.append((f"blocks.{i}", [(f"blocks.{i}.{n}", p) for n, p in unique_named_parameters(block, seen)]))
+    if "blocks" in children:  # named by layer index: a pipeline stage holds only some
+        for i, block in children["blocks"].named_children():
+            units.append((f"blocks.{i}", [(f"blocks.{i}.{n}", p) for n, p in unique_named_parameters(block, seen)]))
     units.append(("head", unique_named_parameters(model, seen)))
     return [(name, named) for name, named in units if named]
 

@@ -22,15 +22,16 @@ vocabulary-sharded logits with three all-reduces and no full logits anywhere.
 checkpoints stay in the canonical form (full tensors by name) through
 ``full_tp_parameters`` / ``load_full_tp_parameters``.
 
-Parameter marks the strategy reads (through the helpers below):
+Parameter marks (``xtrain.parallel.placement``, on the ``tp`` axis), which the
+strategy's generic code reads:
 
-- ``param._xtrain_tp_shard``: a ``TPShard`` (dim, parts, rank, full_size): this
-  rank holds chunk ``rank`` of ``parts`` equal chunks along ``dim`` of a tensor
-  whose true size along ``dim`` is ``full_size`` (the last chunk is zero-padded
-  when ``full_size`` is not a multiple of ``parts``: the vocabulary).
-- ``param._xtrain_tp_partial = True``: the parameter is replicated over tp, but
-  each rank's gradient is a partial sum (norm weights under sequence parallel,
-  replicated kv heads); sum it over tp before use (``reduce_tp_partial_grads``).
+- ``Shard(dim, parts, rank, full_size)``: this rank holds chunk ``rank`` of
+  ``parts`` equal chunks along ``dim`` (the last chunk is zero-padded when
+  ``full_size`` is not a multiple of ``parts``: the vocabulary);
+- ``Partial()``: the parameter is replicated over tp, but each rank's gradient
+  is a partial sum (norm weights under sequence parallel, replicated kv
+  heads); it is summed over tp before use;
+- unmarked: replicated, with complete gradients.
 """
 
 from __future__ import annotations
@@ -43,20 +44,14 @@ import torch.nn.functional as F
 from torch.distributed import ReduceOp
 
 from xtrain.comm.groups import group_rank, group_size
+from xtrain.parallel.placement import Partial, Shard, carry_marks, gather_along, mark, placement, shard_tensor
 
 # -- collectives along one dimension (through the comm object only) ---------------
 
 
 def _all_gather_along(x: torch.Tensor, dim: int, comm, group) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` (in group-rank order)."""
-    n = group_size(group)
-    if n == 1:
-        return x
-    # all_gather_into_tensor concatenates along dim 0, so gather with `dim` moved first.
-    x0 = x.movedim(dim, 0).contiguous()
-    out = torch.empty((n * x0.shape[0], *x0.shape[1:]), dtype=x0.dtype, device=x0.device)
-    comm.all_gather_into_tensor(out, x0, group=group)
-    return out.movedim(0, dim).contiguous()
+    return gather_along(x, dim, comm, group)
 
 
 def _reduce_scatter_along(x: torch.Tensor, dim: int, comm, group) -> torch.Tensor:
@@ -206,63 +201,33 @@ def exit_tp_region(x, comm, group, sequence_parallel: bool):
 # -- shard bookkeeping --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TPShard:
-    """This rank holds chunk ``rank`` of ``parts`` equal chunks along ``dim`` of a
-    tensor whose true size along ``dim`` is ``full_size`` (chunks are
-    ceil(full_size / parts) long; the tail past ``full_size`` is zero padding)."""
-
-    dim: int
-    parts: int
-    rank: int
-    full_size: int
-
-    @property
-    def chunk(self) -> int:
-        return -(-self.full_size // self.parts)
-
-    @property
-    def start(self) -> int:
-        return self.rank * self.chunk
+TPShard = Shard  # the tp axis's shard spec is the shared placement
 
 
 def _mark_shard(p: nn.Parameter, dim: int, parts: int, rank: int, full_size: int) -> nn.Parameter:
-    p._xtrain_tp_shard = TPShard(dim, parts, rank, full_size)
-    return p
+    return mark(p, "tp", Shard(dim, parts, rank, full_size))
 
 
 def _mark_partial(p: nn.Parameter) -> nn.Parameter:
-    p._xtrain_tp_partial = True
-    return p
+    return mark(p, "tp", Partial())
 
 
-def tp_shard_spec(p: torch.Tensor) -> TPShard | None:
-    """The parameter's ``TPShard`` (None when it is whole on every tp rank)."""
-    return getattr(p, "_xtrain_tp_shard", None)
+def tp_shard_spec(p: torch.Tensor) -> Shard | None:
+    """The parameter's tp ``Shard`` (None when it is whole on every tp rank)."""
+    pl = placement(p, "tp")
+    return pl if isinstance(pl, Shard) else None
 
 
 def is_tp_partial(p: torch.Tensor) -> bool:
     """True when the parameter is replicated but its gradient is a partial sum over tp."""
-    return bool(getattr(p, "_xtrain_tp_partial", False))
+    return isinstance(placement(p, "tp"), Partial)
 
 
 def shard_full_tensor(full: torch.Tensor, spec_or_param) -> torch.Tensor:
-    """This rank's shard of ``full`` (a copy), laid out as described by the spec.
-
-    ``spec_or_param`` is a ``TPShard`` or a parameter carrying one; a parameter
-    without one is whole, and ``full`` comes back unchanged.
-    """
-    spec = spec_or_param if isinstance(spec_or_param, TPShard) else tp_shard_spec(spec_or_param)
-    if spec is None:
-        return full
-    if full.shape[spec.dim] != spec.full_size:
-        raise ValueError(f"full tensor has size {full.shape[spec.dim]} along dim {spec.dim}, expected {spec.full_size}")
-    padded = spec.chunk * spec.parts
-    if padded != spec.full_size:
-        pad_shape = list(full.shape)
-        pad_shape[spec.dim] = padded - spec.full_size
-        full = torch.cat([full, full.new_zeros(pad_shape)], dim=spec.dim)
-    return full.narrow(spec.dim, spec.start, spec.chunk).clone()
+    """This rank's tp shard of ``full`` (a copy); ``full`` itself when not sharded.
+    ``spec_or_param`` is a ``Shard`` or a parameter carrying one."""
+    spec = spec_or_param if isinstance(spec_or_param, Shard) else tp_shard_spec(spec_or_param)
+    return full if spec is None else shard_tensor(full, spec)
 
 
 def gather_tp_tensor(local: torch.Tensor, spec: TPShard | None, comm, group) -> torch.Tensor:
@@ -348,12 +313,12 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.full_out_features = linear.in_features, linear.out_features
         self.gather_output, self.sequence_parallel, self.enter_region = gather_output, sequence_parallel, enter_region
         if weight is None:  # a shared weight (tied embeddings) is already a marked shard
-            weight = nn.Parameter(_take_rows(linear.weight, self.tp, self.tp_rank))
+            weight = carry_marks(nn.Parameter(_take_rows(linear.weight, self.tp, self.tp_rank)), linear.weight)
             _mark_shard(weight, 0, self.tp, self.tp_rank, self.full_out_features)
         self.weight = weight
         self.out_features = self.weight.shape[0]
         if linear.bias is not None:
-            self.bias = nn.Parameter(_take_rows(linear.bias, self.tp, self.tp_rank))
+            self.bias = carry_marks(nn.Parameter(_take_rows(linear.bias, self.tp, self.tp_rank)), linear.bias)
             _mark_shard(self.bias, 0, self.tp, self.tp_rank, self.full_out_features)
         else:
             self.register_parameter("bias", None)
@@ -394,9 +359,9 @@ class RowParallelLinear(nn.Module):
         self.in_features = linear.in_features // self.tp
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         w = linear.weight.detach().narrow(1, self.tp_rank * self.in_features, self.in_features).clone()
-        self.weight = _mark_shard(nn.Parameter(w), 1, self.tp, self.tp_rank, self.full_in_features)
+        self.weight = _mark_shard(carry_marks(nn.Parameter(w), linear.weight), 1, self.tp, self.tp_rank, self.full_in_features)
         if linear.bias is not None:
-            self.bias = nn.Parameter(linear.bias.detach().clone())
+            self.bias = carry_marks(nn.Parameter(linear.bias.detach().clone()), linear.bias)
             if sequence_parallel:
                 _mark_partial(self.bias)
         else:
@@ -429,9 +394,9 @@ class VocabParallelEmbedding(nn.Module):
         self.tp, self.tp_rank = group_size(group), group_rank(group)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.sequence_parallel = sequence_parallel
-        self.weight = nn.Parameter(_take_rows(embedding.weight, self.tp, self.tp_rank))
+        self.weight = carry_marks(nn.Parameter(_take_rows(embedding.weight, self.tp, self.tp_rank)), embedding.weight)
         _mark_shard(self.weight, 0, self.tp, self.tp_rank, self.num_embeddings)
-        self.vocab_start = self.weight._xtrain_tp_shard.start
+        self.vocab_start = tp_shard_spec(self.weight).start
         self.vocab_end = min(self.vocab_start + self.weight.shape[0], self.num_embeddings)
 
     def forward(self, ids):
@@ -457,7 +422,7 @@ class ReplicatedHeadsLinear(nn.Module):
         if linear.bias is not None:
             raise ValueError("ReplicatedHeadsLinear: biases are not supported")
         self.head_dim, self.head_index = head_dim, head_index
-        self.weight = _mark_partial(nn.Parameter(linear.weight.detach().clone()))
+        self.weight = _mark_partial(carry_marks(nn.Parameter(linear.weight.detach().clone()), linear.weight))
 
     def forward(self, x):
         rows = self.weight.narrow(0, self.head_index * self.head_dim, self.head_dim)
@@ -610,11 +575,13 @@ def apply_tensor_parallel(model: nn.Module, mesh, comm, sequence_parallel: bool 
     if problems:
         raise ValueError("cannot apply tensor parallelism:\n  " + "\n  ".join(problems))
     sp = sequence_parallel
-    tied = model.head.weight is model.embed.weight
-
-    model.embed = VocabParallelEmbedding(model.embed, comm, group, sequence_parallel=sp)
-    head_weight = model.embed.weight if tied else None
-    model.head = ColumnParallelLinear(model.head, comm, group, sequence_parallel=sp, weight=head_weight)
+    # A part of the model (a pipeline stage) may lack either end.
+    tied = model.head is not None and model.embed is not None and model.head.weight is model.embed.weight
+    if model.embed is not None:
+        model.embed = VocabParallelEmbedding(model.embed, comm, group, sequence_parallel=sp)
+    if model.head is not None:
+        head_weight = model.embed.weight if tied else None
+        model.head = ColumnParallelLinear(model.head, comm, group, sequence_parallel=sp, weight=head_weight)
 
     K, H, E = cfg.n_kv_heads, cfg.n_heads, cfg.head_dim
     for block in model.blocks:
@@ -638,9 +605,25 @@ def apply_tensor_parallel(model: nn.Module, mesh, comm, sequence_parallel: bool 
         if sp:
             _mark_partial(block.attn_norm.weight)
             _mark_partial(block.mlp_norm.weight)
-    if sp:
+    if sp and model.norm is not None:
         _mark_partial(model.norm.weight)
     model.tp_context = TensorParallelContext(comm, group, tp, rank, sp, cfg.vocab_size)
+    return model
+
+
+def tensor_parallel_transform(strategy, model: nn.Module) -> nn.Module:
+    """The strategy's tp transform: ``apply_tensor_parallel`` when tp > 1, the
+    vocabulary-parallel loss, tp among the axes the gradient norm sums over,
+    and the loss counted once per tp group (every tp rank computes the same)."""
+    mesh = strategy.mesh
+    if mesh.degrees["tp"] == 1:
+        return model
+    apply_tensor_parallel(model, mesh, strategy.comm, sequence_parallel=bool(strategy.options.get("sp", False)))
+    strategy.loss_fn = model.tp_context.loss
+    strategy.model_axes.append("tp")
+    strategy.loss_counts = strategy.loss_counts and mesh.coord("tp") == 0
+    if model.tp_context.sequence_parallel:
+        strategy.seq_parts *= mesh.degrees["tp"]
     return model
 
 
@@ -668,6 +651,7 @@ __all__ = [
     "scatter_to_tp_region",
     "shard_full_tensor",
     "tp_grads_for_norm",
+    "tensor_parallel_transform",
     "tp_shard_spec",
     "vocab_parallel_cross_entropy",
 ]

@@ -38,10 +38,10 @@ import torch.nn as nn
 
 from xtrain.checkpoint import SHARDS
 from xtrain.comm import ReduceOp
+from xtrain.parallel import placement as pl
 from xtrain.parallel.base import Strategy, check_names
 from xtrain.parallel.data import check_reduce_dtype, reduce_dtype_of
 from xtrain.parallel.flat import FlatGroup, decay_split, model_units
-from xtrain.parallel.tensor import is_tp_partial, shard_full_tensor, tp_shard_spec
 
 EMPTY = torch.empty(0)
 
@@ -49,11 +49,11 @@ EMPTY = torch.empty(0)
 class ShardGroup:
     """One flat group: its layout, this rank's master slice and its gradient slice."""
 
-    def __init__(self, name: str, named, n: int, rank: int, decay: bool, tp_kind: str = "whole"):
+    def __init__(self, name: str, named, n: int, rank: int, decay: bool, kind: tuple = ()):
         self.name, self.decay = name, decay
-        # under tp: "shard" (each tp rank holds a slice), "partial" (replicated,
-        # gradients summed over tp) or "whole" (replicated, gradients complete)
-        self.tp_kind = tp_kind
+        # the members' shared non-replicated placements, ((axis, "shard"|"partial"|...), ...):
+        # a group never mixes, so its flat slices line up across the ranks of those axes
+        self.kind = kind
         self.layout = FlatGroup([nm for nm, _ in named], [p for _, p in named], shards=n)
         self.lo, self.hi = self.layout.shard_range(rank)
         p0 = self.layout.params[0]
@@ -76,7 +76,7 @@ class ShardGroup:
 class Zero(Strategy):
     name = "zero"
     stage = 0
-    supported_axes = ("dp", "tp")
+    supported_axes = ("pp", "dp", "tp")
 
     @classmethod
     def check(cls, options, degrees, world_size):
@@ -87,8 +87,8 @@ class Zero(Strategy):
 
     # -- set-up ----------------------------------------------------------------------
     @torch.no_grad()
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        model = self.apply_tp(model)  # ZeRO then shards the local (tp) parameters over dp
+    def apply_data_parallel(self, model: nn.Module) -> nn.Module:
+        # after the model transforms: ZeRO shards the local (tp, stage) parameters over dp
         self.group = self.mesh.group("dp")
         self.n, self.r = self.mesh.degrees["dp"], self.mesh.coord("dp")
         self.reduce_dtype = reduce_dtype_of(self.options)
@@ -96,11 +96,11 @@ class Zero(Strategy):
         for unit, named in model_units(model):
             self.units[unit] = []
             for decay, part in zip((True, False), decay_split(named)):
-                for tp_kind in ("whole", "shard", "partial"):
-                    members = [(n, p) for n, p in part if _tp_kind(p) == tp_kind]
-                    if members:
-                        name = f"{unit}.{'decay' if decay else 'no_decay'}" + ("" if tp_kind == "whole" else f".tp_{tp_kind}")
-                        self.units[unit].append(ShardGroup(name, members, self.n, self.r, decay, tp_kind))
+                kinds = sorted({_kind(p) for _, p in part})
+                for kind in kinds:
+                    members = [(n, p) for n, p in part if _kind(p) == kind]
+                    name = f"{unit}.{'decay' if decay else 'no_decay'}" + "".join(f".{a}_{k}" for a, k in kind)
+                    self.units[unit].append(ShardGroup(name, members, self.n, self.r, decay, kind))
         self.groups = [g for gs in self.units.values() for g in gs]
         self.unit_of_group = {g.name: unit for unit, gs in self.units.items() for g in gs}
         for g in self.groups:
@@ -184,14 +184,9 @@ class Zero(Strategy):
                 g.bucket, g.pending = None, len(g.params)
             self._finish_reduce(g)
             g.shard.grad = g.grad_shard if g.grad_shard is not None else torch.zeros_like(g.shard)
-        partial = [g.shard.grad for g in self.groups if g.tp_kind == "partial"]
-        if partial and self.tp_context is not None:
-            # replicated over tp with partial gradients (norms under sp): dp slices
-            # line up across tp ranks, so one flat all-reduce over tp completes them
-            flat = torch.cat(partial)
-            self.comm.all_reduce(flat, op=ReduceOp.SUM, group=self.mesh.group("tp"))
-            for grad, piece in zip(partial, flat.split([t.numel() for t in partial])):
-                grad.copy_(piece)
+        # replicated with partial gradients (norms under sp, a tied embedding under pp):
+        # dp slices line up across the group's ranks, so the slices are summed as they are
+        pl.reduce_partial_grads([(g.params[0], g.shard.grad) for g in self.groups], self.comm, self.mesh)
 
     def grad_norm_groups(self) -> list:
         return [self.group, *super().grad_norm_groups()]
@@ -200,8 +195,11 @@ class Zero(Strategy):
         return [g.shard.grad for g in self.groups if g.shard.grad is not None]
 
     def counted_grads(self, model: nn.Module) -> list[torch.Tensor]:
-        tp0 = self.mesh.coord("tp") == 0
-        return [g.shard.grad for g in self.groups if g.shard.grad is not None and (g.tp_kind == "shard" or tp0)]
+        return [
+            g.shard.grad
+            for g in self.groups
+            if g.shard.grad is not None and pl.counts_in_norm(g.params[0], self.model_axes, self.mesh)
+        ]
 
     def zero_grad(self, model: nn.Module, optimizer) -> None:
         for g in self.groups:
@@ -239,7 +237,7 @@ class Zero(Strategy):
 
     def full_state(self, model, optimizer):
         """Whole tensors by name: the dp slices gathered, then the tp shards. Collective."""
-        params, optim = self.full_parameters(model), {}
+        params, optim = self.local_parameters(model), {}
         for g in self.groups:
             st = optimizer.state.get(g.shard, {})
             for key in ("exp_avg", "exp_avg_sq"):
@@ -251,7 +249,7 @@ class Zero(Strategy):
                     optim.setdefault(name, {})["step"] = st["step"].detach().cpu().clone()
         return params, optim
 
-    def full_parameters(self, model):
+    def local_parameters(self, model):
         params = {}
         for g in self.groups:
             for name, p, view in zip(g.layout.names, g.params, g.layout.views(self._gather_full(g))):
@@ -262,48 +260,47 @@ class Zero(Strategy):
     def checkpoint_files(self, model, optimizer):
         """Each rank writes its slice of every group; rank 0 writes the layout.
         Under tp, groups are per tp rank (``tp1/blocks.0.decay.tp_shard``) and the
-        layout records how each name's tp shards join back (``tp_shards``)."""
+        layout records how each name's tp shards join back (``tp_shards``);
+        under pp, per stage (``pp1/head.decay``). The dp-rank-0 member of each
+        dp line writes the manifest of its groups (rank 0's is ``shards.json``)."""
         tp, t = self.mesh.degrees["tp"], self.mesh.coord("tp")
-        prefix = f"tp{t}/" if tp > 1 else ""
+        # groups differ per tp rank and per pipeline stage: their names say whose they are
+        prefix = (f"pp{self.mesh.coord('pp')}/" if self.mesh.degrees["pp"] > 1 else "") + (f"tp{t}/" if tp > 1 else "")
         tensors = {}
         for g in self.groups:
             tensors[f"{prefix}{g.name}/param"] = g.shard.detach()
             for key, v in optimizer.state.get(g.shard, {}).items():
                 tensors[f"{prefix}{g.name}/{key}"] = v.detach().reshape(-1) if key == "step" else v.detach()
         files = {f"shard_rank{self.mesh.rank}.safetensors": tensors}
-        if self.mesh.rank == 0:
-            groups = {}
-            for tt in range(tp):
-                # the dp peers of tp rank tt, in dp order, hold that tp rank's slices
-                holders = [f"shard_rank{rk}.safetensors" for rk in self.mesh.grid.select(-1, tt).flatten().tolist()]
-                for g in self.groups:
-                    groups[f"tp{tt}/{g.name}" if tp > 1 else g.name] = {**g.layout.layout(), "files": holders}
-            files[SHARDS] = {
+        if self.mesh.coord("dp") == 0:  # one manifest per dp line: its peers, in dp order, hold the slices
+            holders = [f"shard_rank{rk}.safetensors" for rk in self.mesh.ranks("dp")]
+            name = SHARDS if self.mesh.rank == 0 else SHARDS.replace(".json", f"_rank{self.mesh.rank}.json")
+            files[name] = {
                 "strategy": self.name,
                 "dp": self.n,
                 "tp": tp,
-                "groups": groups,
+                "groups": {f"{prefix}{g.name}": {**g.layout.layout(), "files": holders, "tp_rank": t} for g in self.groups},
                 "tp_shards": {
                     name: vars(spec)
                     for g in self.groups
                     for name, p in zip(g.layout.names, g.params)
-                    if (spec := tp_shard_spec(p)) is not None
+                    if isinstance(spec := pl.placement(p, "tp"), pl.Shard)
                 },
             }
         return files
 
     @torch.no_grad()
     def load_full_state(self, model, optimizer, params, optim):
-        check_names_units(self.groups, params)
+        check_names(self.canonical, params)
         for g in self.groups:
-            full = g.layout.flatten([shard_full_tensor(params[n], p) for n, p in zip(g.layout.names, g.params)])
+            full = g.layout.flatten([pl.local_piece(params[n], p) for n, p in zip(g.layout.names, g.params)])
             g.shard.copy_(full[g.lo : g.hi])
             if g.full is not None:
                 g.full.copy_(full)
             names = [n for n in g.layout.names if n in optim]
             if names:
                 state = {
-                    key: g.layout.flatten([shard_full_tensor(optim[n][key], p) for n, p in zip(g.layout.names, g.params)])[
+                    key: g.layout.flatten([pl.local_piece(optim[n][key], p) for n, p in zip(g.layout.names, g.params)])[
                         g.lo : g.hi
                     ].clone()
                     for key in ("exp_avg", "exp_avg_sq")
@@ -321,16 +318,9 @@ class Zero(Strategy):
         return [g.shard.grad for g in self.groups]
 
 
-def _tp_kind(p) -> str:
-    return "shard" if tp_shard_spec(p) is not None else ("partial" if is_tp_partial(p) else "whole")
-
-
-def check_names_units(groups: list[ShardGroup], params: dict) -> None:
-    class _Names:  # check_names wants something with named_parameters()
-        def named_parameters(self):
-            return ((n, None) for g in groups for n in g.layout.names)
-
-    check_names(_Names(), params)
+def _kind(p) -> tuple:
+    """A parameter's non-replicated placements, ((axis, "shard"|"partial"), ...), sorted."""
+    return tuple(sorted((a, type(x).__name__.lower()) for a, x in pl.placements(p).items() if not isinstance(x, (pl.Replicate, pl.Owned))))
 
 
 class Zero1(Zero):
@@ -351,11 +341,11 @@ class Zero3(Zero):
     supported_axes = ("dp",)
 
     @torch.no_grad()
-    def parallelize(self, model: nn.Module) -> nn.Module:
+    def apply_data_parallel(self, model: nn.Module) -> nn.Module:
         # Consumers: the modules that use parameters, in forward order (the
         # embedding, each block, then the rest), and the units each one needs.
         unit_of = {}
-        model = super().parallelize(model)
+        model = super().apply_data_parallel(model)
         for unit, gs in self.units.items():
             for g in gs:
                 for p in g.params:
