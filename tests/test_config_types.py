@@ -101,7 +101,7 @@ def test_an_unknown_group_option_lists_the_choices():
 def test_allowed_values_come_from_the_schema():
     allowed = schema.choices()
     assert {"comm", "precision", "device", "backend", "logger", "strategy.reduce_dtype", "strategy.pp_schedule", "train.progress"} <= set(allowed)
-    assert allowed["strategy.pp_schedule"] == ("gpipe", "1f1b", "interleaved_1f1b")
+    assert allowed["strategy.pp_schedule"] == ("gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev")
     for key in allowed:
         problems = check_config(compose(["model=tiny", f"{key}=nonesuch"]), 1)
         assert f"{key}='nonesuch' is not one of {list(allowed[key])}" in problems, key

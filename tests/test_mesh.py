@@ -75,7 +75,9 @@ def _pp_roles(rank, world):
     member = rank in mesh.role_ranks("pp_ends")
     if member:
         comm.all_reduce(t, group=mesh.role_group("pp_ends"))
-    return mesh.prev_rank("pp"), mesh.next_rank("pp"), mesh.role_ranks("pp_ends"), member, t.item()
+    m = torch.tensor([float(rank)])
+    comm.all_reduce(m, group=mesh.role_group("pp_mirror"))
+    return mesh.prev_rank("pp"), mesh.next_rank("pp"), mesh.role_ranks("pp_ends"), member, t.item(), m.item()
 
 
 def test_pipeline_roles_on_a_four_stage_line():
@@ -84,3 +86,4 @@ def test_pipeline_roles_on_a_four_stage_line():
     assert all(f[2] == [0, 3] for f in facts)
     assert [f[3] for f in facts] == [True, False, False, True]
     assert facts[0][4] == facts[3][4] == 3.0  # the role group sums over ranks 0 and 3 only
+    assert [f[5] for f in facts] == [3.0, 3.0, 3.0, 3.0]  # mirror pairs (0, 3) and (1, 2)

@@ -141,10 +141,13 @@ def test_pipeline_config_errors_name_the_rule():
          "strategy.pp_chunks=2", "train.micro_batches=2", "train.global_batch_size=8"], 4
     )
     assert "interleaved" in inter and "micro" in inter, inter
-    assert "pp_schedule='zb' is not one of ['gpipe', '1f1b', 'interleaved_1f1b']" in problems(
+    assert "pp_schedule='zb' is not one of ['gpipe', '1f1b', 'interleaved_1f1b', 'zb1p', 'dualpipe', 'dualpipev']" in problems(
         ["strategy=pp", "model.n_layers=4", "strategy.pp_schedule=zb"], 2
     )
     assert "strategy=zero3 does not support pp=2" in problems(["strategy=zero3", "strategy.pp=2", "model.n_layers=4"], 2)
+    dual = problems(["strategy=pp", "strategy.pp=3", "model.n_layers=6", "strategy.pp_schedule=dualpipe",
+                     "train.micro_batches=6", "train.global_batch_size=12"], 3)
+    assert "dualpipe" in dual and "even" in dual, dual
     assert problems(["strategy=zero1", "strategy.pp=2", "model.n_layers=4", "train.micro_batches=2"], 4) == ""
 
 

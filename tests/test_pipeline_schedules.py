@@ -222,8 +222,11 @@ def test_validator_reports_wrong_rank_duplicates_unknown_kinds_and_needless_send
     assert "rank 0, action 8 (1F0): stage 1 lives on rank 1, not on rank 0" in message
     message = _problems(_gpipe_2x2("0F0 0F0 " + GOOD0[4:], GOOD1))
     assert "rank 0, action 1 (0F0): duplicate of action 0 on the same rank" in message
+    message = _problems(_gpipe_2x2(GOOD0 + " 0X0", GOOD1))
+    assert "rank 0, action 8 (0X0): unknown kind 'X'" in message
+    # W is a known kind now (split backward), but not after a full B of the same pair
     message = _problems(_gpipe_2x2(GOOD0 + " 0W0", GOOD1))
-    assert "rank 0, action 8 (0W0): unknown kind 'W'" in message
+    assert "rank 0, action 8 (0W0): W after 0B0 (action 5)" in message
     one_rank = build_schedule("interleaved_1f1b", 1, 1, 2)
     one_rank.actions[0].insert(1, Action("SEND_F", 0, 0))
     assert "rank 0, action 1 (0SEND_F0): stage 1 lives on this rank too" in _problems(one_rank)
@@ -276,7 +279,7 @@ def test_build_schedule_errors_name_the_rule():
         build_schedule("1f1b", 4, 8, 2)
     with pytest.raises(ValueError, match="micro_batches must be an integer >= 1"):
         build_schedule("gpipe", 2, 0)
-    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved_1f1b"}
+    assert set(SCHEDULES) == {"gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev"}
 
 
 def test_interleaved_rule_on_m():
@@ -292,7 +295,7 @@ def test_check_schedule_config_lists_every_problem():
     problems = check_schedule_config("gpipe", 2, 4, 3, n_layers=2)
     assert "pp_chunks must be 1 for gpipe" in problems[0] and "needs 6 stages" in problems[1]
     assert check_schedule_config("nope", 2, 4, 1, n_layers=8) == [
-        "unknown pipeline schedule 'nope'; choose one of: gpipe, 1f1b, interleaved_1f1b"
+        "unknown pipeline schedule 'nope'; choose one of: gpipe, 1f1b, interleaved_1f1b, zb1p, dualpipe, dualpipev"
     ]
 
 
@@ -317,8 +320,8 @@ def test_per_stage_costs_and_costs_from_a_timeline_round_trip():
     assert simulate(s, measured).intervals == timeline.intervals
     # The slow stage sets the pace: 1F1B's steady state runs at rank 1's F+B.
     assert timeline.idle[1] < timeline.idle[0]
-    with pytest.raises(KeyError, match="no cost for action kind 'W'"):
-        Costs().duration(Action("W", 0, 0))
+    with pytest.raises(KeyError, match="no cost for action kind 'X'"):
+        Costs().duration(Action("X", 0, 0))
 
 
 def test_timeline_json_round_trip(tmp_path):
@@ -354,7 +357,7 @@ def test_measured_timeline_with_only_ranks_and_an_offset_clock():
 # -- purity and the plot script ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["schedules", "validate", "simulator"])
+@pytest.mark.parametrize("module", ["schedules", "validate", "simulator", "draw"])
 def test_pure_modules_import_no_torch(module):
     tree = ast.parse((ROOT / "xtrain" / "parallel" / "pipeline" / f"{module}.py").read_text())
     imported = set()

@@ -368,3 +368,42 @@ def pipeline_bubble_fraction(schedule: str, p: int, m: int, v: int = 1) -> float
     if schedule == "interleaved_1f1b":
         return (p - 1) / (v * m + p - 1)
     raise ValueError(f"no closed-form bubble for schedule {schedule!r}")
+
+
+def pipeline_bubble_time(schedule: str, p: int, F: float, B: float, W: float = 0, FB: float | None = None) -> float:
+    """Idle time per rank in one step (makespan minus the rank's compute), with
+    free communication and the same costs on every stage, for ``m`` large
+    enough (m >= p; m >= 2p for the DualPipes): the table of the DualPipe
+    README (deepseek-ai/DualPipe; DeepSeek-V3 report, arXiv:2412.19437,
+    Table 2).
+
+    Notation, the README's: ``F`` a forward, ``B`` the *full* backward (input
+    and weight gradients, xtrain's B), ``W`` its weight-gradient part (xtrain's
+    W), so the input-gradient part (xtrain's I, the zero-bubble paper's
+    "B") costs ``B - W``; ``FB`` an OVERLAP of a forward with a full backward
+    (F&B; default F + B, no overlap gain). Costs are per action, i.e. per
+    stage: for interleaved_1f1b and dualpipev those of one chunk.
+
+    - gpipe, 1f1b, interleaved_1f1b (in chunk costs): (p-1)(F+B).
+    - zb1p, ZB-H1 (Qi et al., arXiv:2401.10241): (p-1)(F+B-2W), the paper's
+      (p-1)(T_F+T_B-T_W) with T_B = B - W. That needs W <= min(F, B-W) (a
+      weight gradient fits the gap it fills); beyond it the value returned is
+      the simulated (p-1)·max(F+B-2W, F, B-W).
+    - dualpipe: (p/2-1)(FB+B-3W); dualpipev with p ranks (2p stages, the
+      README's PP): (p-1)(FB+B-3W). Exact for F = B-W (forward as long as
+      the input gradient, the README figure's and the paper's unit case) and
+      W <= F: on every rank when FB = F + B; for max(F, B) <= FB < F + B
+      the idle of the middle ranks, the outer ones idling less. Outside that
+      domain it is the README's approximation (tests/test_pipeline_schedules_zb.py
+      has the simulated values).
+    """
+    if schedule in ("gpipe", "1f1b", "interleaved_1f1b"):
+        return (p - 1) * (F + B)
+    if schedule == "zb1p":
+        return (p - 1) * max(F + B - 2 * W, F, B - W)
+    overlap = F + B if FB is None else FB
+    if schedule == "dualpipe":
+        return (p // 2 - 1) * (overlap + B - 3 * W)
+    if schedule == "dualpipev":
+        return (p - 1) * (overlap + B - 3 * W)
+    raise ValueError(f"no closed-form bubble time for schedule {schedule!r}")

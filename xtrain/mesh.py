@@ -93,7 +93,8 @@ class Mesh:
         mesh._timeout = timeout if timeout is not None else _world_timeout()
         for axes in [(a,) for a in AXES] + [tuple(c) for c in combos]:
             mesh._make_group(axes)
-        mesh._make_role("pp_ends", lambda line: sorted({line[0], line[-1]}), "pp")
+        mesh._make_role("pp_ends", lambda line, i: {line[0], line[-1]}, "pp")
+        mesh._make_role("pp_mirror", lambda line, i: {line[i], line[-1 - i]}, "pp")
         return mesh
 
     # -- coordinates ---------------------------------------------------
@@ -180,24 +181,35 @@ class Mesh:
             raise KeyError(f"unknown mesh role {role!r}; roles are {sorted(self._roles)}")
         return self._roles[role][1]
 
-    def _make_role(self, role: str, members_of_line, axis: str) -> None:
-        """A role group per line along ``axis``: ``members_of_line(line_ranks)`` picks its members."""
+    def _make_role(self, role: str, members_of, axis: str) -> None:
+        """A role group partition along ``axis``: ``members_of(line, i)`` gives the
+        role members for the rank at index i of a line (a list of global ranks).
+        Every rank takes the same branch, as torch needs for ``new_group``."""
         partition, mine = [], None
         for r in range(self.world_size):
-            members = members_of_line(self._ranks_of((axis,), r))
+            line = self._ranks_of((axis,), r)
+            members = sorted(members_of(line, line.index(r)))
             if members not in partition:
                 partition.append(members)
             if r == self.rank:
                 mine = members
-        if len(mine) == 1:
-            group = SOLO if mine == [self.rank] else None
-        elif len(mine) == self.degrees[axis]:
-            group = self.group(axis)  # the whole line (pp=2: the ends are the pp group)
+        lines = {tuple(self._ranks_of((axis,), r)) for r in range(self.world_size)}
+        if self.rank not in mine:
+            group = None  # this rank has no part in the role (a middle stage for pp_ends)
+        elif len(mine) == 1:
+            group = SOLO
+        elif {tuple(m) for m in partition} == lines:
+            group = self.group(axis)  # the role is the whole line (pp=2)
+        else:
+            group = None
+        if all(len(m) == 1 for m in partition) or {tuple(m) for m in partition} == lines:
+            pass
         elif not dist.is_initialized():
             raise MeshError(f"role {role} needs torch.distributed to be initialized")
         else:
-            group, _ = dist.new_subgroups_by_enumeration(partition, timeout=self._timeout)
-            if group is not None:  # None: this rank is not in the role (a middle stage)
+            made, _ = dist.new_subgroups_by_enumeration(partition, timeout=self._timeout)
+            if self.rank in mine and len(mine) > 1:
+                group = made
                 label_group(group, role)
         self._roles[role] = (group, mine)
 

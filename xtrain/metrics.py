@@ -108,6 +108,40 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
+def chrome_trace_events(steps: list[list[dict]], rank: int) -> list[dict]:
+    """One rank's actions as Chrome trace events ("X", microseconds), on a track
+    named after the rank; an action reads like ``F3 s1`` (kind, micro-batch, stage)."""
+    events = [{"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}}]
+    for k, actions in enumerate(steps):
+        for a in actions:
+            events.append({
+                "name": f"{a['kind']}{a['mb']} s{a['stage']}", "cat": a["kind"], "ph": "X", "pid": rank, "tid": 0,
+                "ts": a["start"] * 1e6, "dur": (a["end"] - a["start"]) * 1e6,
+                "args": {"step": k + 1, "kind": a["kind"], "stage": a["stage"], "mb": a["mb"]},
+            })
+    return events
+
+
+def write_trace(run_dir: Path, rank: int, world: int, steps: list[list[dict]], barrier) -> Path:
+    """Every rank writes its events; after a barrier rank 0 joins them into
+    ``trace.json`` (one track per rank; all ranks of a node share one clock,
+    ``time.perf_counter``'s CLOCK_MONOTONIC)."""
+    run_dir = Path(run_dir)
+    part = run_dir / f".trace_rank{rank}.json"
+    part.write_text(json.dumps(chrome_trace_events(steps, rank)))
+    barrier()
+    out = run_dir / "trace.json"
+    if rank == 0:
+        events = []
+        for r in range(world):
+            f = run_dir / f".trace_rank{r}.json"
+            events += json.loads(f.read_text())
+            f.unlink()
+        out.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    barrier()
+    return out
+
+
 def comm_table(rows) -> Table:
     """The ledger's whole-run totals (see docs/metrics.md for the two times)."""
     table = Table(

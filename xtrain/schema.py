@@ -23,6 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from xtrain.parallel.pipeline.schedules import SCHEDULES
+
 from xtrain.model import ModelConfig
 
 
@@ -53,7 +55,7 @@ class StrategyConfig:
     first_bucket_mb: float = 1.0  # ddp: the first bucket (last layers), small so communication starts early
     prefetch: int = 1  # zero3: units whose all-gather is issued ahead of use (0: none)
     # Pipeline parallelism (pp > 1).
-    pp_schedule: str = choice("gpipe", "1f1b", "interleaved_1f1b", default="1f1b")
+    pp_schedule: str = choice(*SCHEDULES, default="1f1b")  # the registry in parallel/pipeline/schedules.py
     pp_chunks: int = 1  # model chunks per pipeline rank (interleaved schedules)
     pp_layers: Optional[List[int]] = None  # blocks per stage; null: balanced by parameter count
 
@@ -108,6 +110,9 @@ class TrainConfig:
     # str-or-bool union, which OmegaConf cannot type, so Any plus its choices.
     progress: Any = choice("auto", True, False)
     out_dir: str = "outputs/${xtrain.stamp:}"  # the run directory all ranks agree on
+    # Write every pipeline action's start and end, per rank, to RUN/trace.json
+    # (Chrome trace / Perfetto format: chrome://tracing, ui.perfetto.dev).
+    trace: bool = False
 
 
 @dataclass

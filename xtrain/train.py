@@ -28,7 +28,7 @@ from xtrain.comm import CollectiveTimeout, CommError, get_comm
 from xtrain.config import ConfigError, check_config, config_search_path, mesh_degrees
 from xtrain.data import load_data, local_batch
 from xtrain.mesh import Mesh
-from xtrain.metrics import MetricsLogger, human_bytes, peak_memory_bytes
+from xtrain.metrics import MetricsLogger, human_bytes, peak_memory_bytes, write_trace
 from xtrain.model import ModelConfig, build_model
 from xtrain.optim import lr_at, set_lr
 from xtrain.parallel import STRATEGIES
@@ -177,8 +177,10 @@ def _train(cfg, data, device, rank, world, run_dir, return_params, on_step=None)
                 x, y = local_batch(data.val, step=i, split="val", dp_rank=strategy.dp_rank, dp=strategy.dp_size, **batch_args)
                 total += strategy.runner.eval_loss(x.to(device), y.to(device))
         model.train()
-        return global_mean(total / t.eval_batches, strategy.loss_weight())[0]
+        return global_mean(total / t.eval_batches, strategy.loss_weight(eval=True))[0]
 
+    if t.trace and hasattr(strategy.runner, "trace"):
+        strategy.runner.trace = []  # the pipeline executor keeps every step's actions
     try:
         for step in range(start_step, t.steps):
             t0 = time.perf_counter()
@@ -222,6 +224,8 @@ def _train(cfg, data, device, rank, world, run_dir, return_params, on_step=None)
                 meta = {"strategy": strategy.name, "world_size": world, "mesh": mesh.degrees, "seed": cfg.seed}
                 path = checkpoint.save(run_dir, done, strategy, model, optimizer, meta, barrier, keep=t.ckpt_keep)
                 logger.print(f"checkpoint: {path}")
+        if t.trace and getattr(strategy.runner, "trace", None) is not None:
+            logger.print(f"trace: {write_trace(run_dir, rank, world, strategy.runner.trace, barrier)}")
     finally:
         logger.close(comm.ledger.summary_rows())
     if losses:

@@ -60,6 +60,7 @@ class Strategy:
         self.loss_fn = cross_entropy  # a transform may replace it (tp: vocab-parallel)
         self.model_axes: list[str] = []  # axes the model is split over: the grad norm sums there
         self.loss_counts = True  # whether this rank's loss enters the global mean
+        self.eval_loss_counts = True  # the same for the validation loss (a pipeline's eval path may differ)
         self.seq_parts = 1  # parts each sequence's activations are split into between blocks (sp, cp)
         self.runner_cls = MicroBatchRunner
         self.runner = None
@@ -88,10 +89,10 @@ class Strategy:
     def dp_size(self) -> int:
         return self.mesh.degrees["dp"]
 
-    def loss_weight(self) -> float:
-        """1 if this rank's loss counts in the global mean (0 for replicas of
-        another's, or a rank that computes no loss)."""
-        return 1.0 if self.loss_counts else 0.0
+    def loss_weight(self, eval: bool = False) -> float:
+        """1 if this rank's (training or validation) loss counts in the global mean
+        (0 for replicas of another's, or a rank that computes no loss)."""
+        return 1.0 if (self.eval_loss_counts if eval else self.loss_counts) else 0.0
 
     # -- the transform ------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:

@@ -71,7 +71,8 @@ class Bucket:
 
     def __init__(self, layout: FlatGroup, buffer: torch.Tensor):
         self.layout, self.buffer = layout, buffer
-        self.armed = False  # sends only during its chunk's last backward of the step
+        self.armed = False  # sends only during its chunks' last backward of the step
+        self.chunks: set[int] = set()  # the model chunks its parameters belong to
         self.pending = len(layout.params)
         self.work = None
         self.comm_buffer = None
@@ -90,31 +91,31 @@ class DistributedDataParallel(DataParallel):
         # The first bucket (the last layers) is small, so its all-reduce starts
         # early in backward and overlaps the rest (torch DDP caps it at 1 MB too).
         first_limit = min(limit, float(self.options.get("first_bucket_mb", 1)) * 2**20)
-        self.buckets, self.chunk_buckets, seen = [], {}, set()
+        self.buckets, self.final_chunks, seen = [], set(), set()
+        chunks_of: dict[int, set[int]] = {}  # a parameter shared by two chunks (DualPipeV's tied ends) is final after both
         for chunk in self.runner.chunks:
-            named = [(n, p) for n, p in chunk.named_parameters() if p.requires_grad][::-1]
-            if seen & {id(p) for _, p in named}:
-                raise NotImplementedError("ddp: a parameter shared by two model chunks on one rank")
+            for p in chunk.parameters():
+                chunks_of.setdefault(id(p), set()).add(id(chunk))
+        for chunk in self.runner.chunks:
+            named = [(n, p) for n, p in chunk.named_parameters() if p.requires_grad and id(p) not in seen][::-1]
             seen |= {id(p) for _, p in named}
             runs, run, size = [], [], 0
             for n, p in named:  # a bucket closes once it reaches its limit (as torch DDP's)
                 run.append((n, p))
                 size += p.numel() * p.element_size()
-                if size >= (first_limit if not runs else limit):
+                if size >= (first_limit if not self.buckets and not runs else limit):
                     runs.append(run)
                     run, size = [], 0
             if run:
                 runs.append(run)
-            mine = []
             for run in runs:
                 layout = FlatGroup([n for n, _ in run], [p for _, p in run], shards=1)
                 bucket = Bucket(layout, torch.zeros(layout.numel, dtype=run[0][1].dtype, device=run[0][1].device))
-                mine.append(bucket)
+                bucket.chunks = set().union(*(chunks_of[id(p)] for _, p in run))
+                self.buckets.append(bucket)
                 for i, (_, p) in enumerate(run):
                     p.grad = bucket.view(i)
                     p.register_post_accumulate_grad_hook(self._hook(bucket, i))
-            self.buckets += mine
-            self.chunk_buckets[id(chunk)] = mine
         return model
 
     def _hook(self, bucket: Bucket, i: int):
@@ -139,13 +140,14 @@ class DistributedDataParallel(DataParallel):
     def grads_final(self, chunk: nn.Module):
         @contextlib.contextmanager
         def armed():
-            buckets = self.chunk_buckets[id(chunk)]
-            for b in buckets:
+            self.final_chunks.add(id(chunk))
+            ready = [b for b in self.buckets if id(chunk) in b.chunks and b.chunks <= self.final_chunks]
+            for b in ready:
                 b.armed = True
             try:
                 yield
             finally:
-                for b in buckets:
+                for b in ready:
                     b.armed = False
 
         return armed()
@@ -161,6 +163,7 @@ class DistributedDataParallel(DataParallel):
                 bucket.buffer.copy_(bucket.comm_buffer)
             bucket.work = bucket.comm_buffer = None
             bucket.pending = len(bucket.layout.params)
+        self.final_chunks.clear()
         self.reduce_partial_grads(model)
 
     def zero_grad(self, model: nn.Module, optimizer) -> None:

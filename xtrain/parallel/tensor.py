@@ -622,6 +622,7 @@ def tensor_parallel_transform(strategy, model: nn.Module) -> nn.Module:
     strategy.loss_fn = model.tp_context.loss
     strategy.model_axes.append("tp")
     strategy.loss_counts = strategy.loss_counts and mesh.coord("tp") == 0
+    strategy.eval_loss_counts = strategy.eval_loss_counts and mesh.coord("tp") == 0
     if model.tp_context.sequence_parallel:
         strategy.seq_parts *= mesh.degrees["tp"]
     return model

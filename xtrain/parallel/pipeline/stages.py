@@ -1,13 +1,15 @@
 """Cutting the model into pipeline stages: the layer split, the pipeline
 transform, and its checks (static, before any process group exists).
 
-Stages are contiguous runs of blocks in model order; stage s lives on pipeline
-rank ``stage_rank[s]`` (the schedule's map: s for GPipe and 1F1B, s mod p for
-interleaved). The embedding joins the first stage, the final norm, the head
-and the loss the last. By default the split balances parameter counts: the
-contiguous partition of the blocks (with the embedding's parameters counted
-on stage 0 and the head's on the last stage) that minimises the largest
-stage, every stage holding at least one block.
+The model's blocks are cut into layer blocks, contiguous runs in model order;
+stage s runs layer block ``stage_layers_of(s)`` on pipeline rank
+``stage_rank[s]`` (the schedule's map: s for GPipe, 1F1B and ZB-H1, s mod p
+for interleaved, the V for DualPipeV; DualPipe runs every layer block twice,
+on ranks r and p-1-r, one copy per direction). The embedding joins the first
+layer block; the final norm, the head and the loss the last. By default the
+split balances parameter counts: the contiguous partition of the blocks (with
+the embedding's parameters counted on the first block and the head's on the
+last) that minimises the largest, every block holding at least one layer.
 """
 
 from __future__ import annotations
@@ -16,24 +18,29 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from xtrain.parallel.pipeline.schedules import CHUNKED_SCHEDULES, build_schedule, check_schedule_config
+from xtrain.parallel.pipeline.schedules import CHUNKED_SCHEDULES, check_schedule_config, schedule_layout
 from xtrain.parallel.placement import Owned, Partial, mark
 
 TIED_ROLE = "pp_ends"  # the mesh role group of the first and last pipeline ranks
+MIRROR_ROLE = "pp_mirror"  # ranks r and p-1-r: DualPipe holds the same layers on both
 
 
 @dataclass(frozen=True)
 class StagePlan:
     schedule: str
     p: int  # pipeline ranks
-    v: int  # stages per rank
-    layers: list[list[int]]  # block indices of each stage, in model order
+    v: int  # stages per rank (interleaved)
+    layers: list[list[int]]  # block indices of each layer block, in model order
     stage_rank: list[int]  # pipeline rank of each stage
+    stage_block: list[int]  # the layer block each stage runs (two stages share one under DualPipe)
+    first_stages: frozenset  # stages that take the batch
+    last_stages: frozenset  # stages that compute the loss
+    eval_path: list[int]  # the stages of one forward through the whole model, in order
     rank: int  # this rank's coordinate on pp
 
     @property
     def n_stages(self) -> int:
-        return len(self.layers)
+        return len(self.stage_rank)
 
     @property
     def my_stages(self) -> list[int]:
@@ -121,19 +128,36 @@ def pipeline_transform(strategy, model: nn.Module) -> nn.Module:
         return model
     name = opts.get("pp_schedule", "1f1b")
     v = int(opts.get("pp_chunks", 1) or 1) if name in CHUNKED_SCHEDULES else 1
-    stage_rank = build_schedule(name, p, p, v).stage_rank  # the map depends on (name, p, v) only
-    layers = stage_layers(model, p * v, opts.get("pp_layers"))
-    plan = StagePlan(name, p, v, layers, stage_rank, mesh.coord("pp"))
+    ref = schedule_layout(name, p, v)  # the stage map depends on (name, p, v) only
+    blocks = [ref.stage_layers_of(s) for s in range(ref.n_stages)]
+    layers = stage_layers(model, max(blocks) + 1, opts.get("pp_layers"))
+    path, s = [], min(ref.first_stages)
+    while s is not None:
+        path.append(s)
+        s = ref.next_stage(s)
+    plan = StagePlan(name, p, v, layers, list(ref.stage_rank), blocks, frozenset(ref.first_stages),
+                     frozenset(ref.last_stages), path, mesh.coord("pp"))
     mine = plan.my_stages
-    first, last = 0 in mine, plan.n_stages - 1 in mine
+    first, last = any(s in plan.first_stages for s in mine), any(s in plan.last_stages for s in mine)
     tied = model.head.weight is model.embed.weight
-    part = model.part(sorted(i for s in mine for i in layers[s]), first=first, last=last)
-    ends_apart = stage_rank[0] != stage_rank[-1]
+    part = model.part(sorted({i for s in mine for i in layers[blocks[s]]}), first=first, last=last)
+    holders = {}  # layer block -> the pipeline ranks that run it
+    for s, b in enumerate(blocks):
+        holders.setdefault(b, set()).add(plan.stage_rank[s])
+    duplicated = any(len(h) > 1 for h in holders.values())
+    if duplicated and any(h != {r, p - 1 - r} for h in holders.values() for r in h):
+        raise ValueError(f"schedule {name}: a layer block on ranks other than a mirror pair (r, p-1-r)")
+    ends_apart = plan.stage_rank[min(plan.first_stages)] != plan.stage_rank[max(plan.last_stages)]
     for prm in part.parameters():
-        shared = tied and ends_apart and part.embed is not None and prm is part.embed.weight
-        mark(prm, "pp", Partial(TIED_ROLE) if shared else Owned())
+        if duplicated:  # every layer on this rank also lives on its mirror: gradients summed over the pair
+            mark(prm, "pp", Partial(MIRROR_ROLE))
+        elif tied and ends_apart and part.embed is not None and prm is part.embed.weight:
+            mark(prm, "pp", Partial(TIED_ROLE))
+        else:
+            mark(prm, "pp", Owned())
     strategy.pipeline = plan
     strategy.model_axes.append("pp")
     strategy.loss_counts = strategy.loss_counts and last
+    strategy.eval_loss_counts = strategy.eval_loss_counts and plan.stage_rank[path[-1]] == plan.rank
     strategy.runner_cls = PipelineRunner
     return part
