@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from xtrain.config import compose
+from test_launcher import DIE_ON_RANK_1  # one crash script for torchrun and the launcher
 from xtrain.train import run
 
 
@@ -29,23 +30,6 @@ def test_torchrun_dp_writes_one_run_dir_matching_single(tmp_path):
     assert len(records) == 6 and "val_loss" in records[2]
     for rec, ref in zip(records, single.losses):
         assert abs(rec["loss"] - ref) <= 1e-5 * ref
-
-
-DIE_ON_RANK_1 = """
-import os, sys, torch
-from xtrain.train import main
-if os.environ["RANK"] == "1":
-    calls = []
-    original = torch.optim.AdamW.step
-    def step(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            os._exit(3)  # a crash mid-run, with no Python clean-up
-        return original(self, *a, **k)
-    torch.optim.AdamW.step = step
-sys.argv = ["xtrain"] + sys.argv[1:]
-main()
-"""
 
 
 def test_a_dying_rank_takes_the_job_down_with_its_name(tmp_path):

@@ -96,6 +96,13 @@ class PipelineRunner:
         payload, stage, mb = sched.message_key(action)
         return 1 + ((payload == "B") * sched.n_stages + stage) * sched.n_micro + mb
 
+    def _positions(self, x_mb: torch.Tensor) -> torch.Tensor | None:
+        """Rotary positions for a stage's forward: None (0..T-1 from the input's
+        length) unless the activations between stages hold a part of the sequence."""
+        if self.strategy.seq_parts == 1:
+            return None
+        return torch.arange(x_mb.shape[1], device=x_mb.device)
+
     def _act_shape(self, x_mb: torch.Tensor) -> tuple[int, ...]:
         b, t = x_mb.shape
         return (b, t // self.strategy.seq_parts, self.width)
@@ -117,7 +124,7 @@ class PipelineRunner:
         model's layers in order), each rank running its stages on that path."""
         plan, device = self.plan, x.device
         shape, sends = self._act_shape(x), []
-        positions = torch.arange(x.shape[1], device=device)
+        positions = self._positions(x)
         loss = torch.zeros((), device=device)
         path, h = plan.eval_path, None
         for k, s in enumerate(path):
@@ -151,8 +158,8 @@ class _Step:
         self.r, self.sched, self.xs, self.ys, self.autocast = runner, sched, xs, ys, autocast
         self.device = xs[0].device
         self.shape = runner._act_shape(xs[0])
-        # rotary positions of the whole sequence: a stage's input may hold only a part (sp)
-        self.positions = torch.arange(xs[0].shape[1], device=self.device)
+        # rotary positions of the whole sequence when a stage's input holds only a part (sp)
+        self.positions = runner._positions(xs[0])
         self.first, self.last = sched.first_stages, sched.last_stages
         mine = sched.actions[runner.plan.rank]
         self.split = {(b.stage, b.mb) for a in mine for b in a.parts if b.kind == "I"}
