@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """xtrain's pipeline schedules against torch.distributed.pipelining's, on 2 and
-4 gloo ranks: GPipe, 1F1B and interleaved 1F1B.
+4 gloo ranks: GPipe, 1F1B, interleaved 1F1B, ZB-H1 (zb1p) and DualPipeV.
 
     python scripts/bench_pipeline.py                                  # model=small, 8 layers, 2 and 4 ranks
     python scripts/bench_pipeline.py --nproc 2 --steps 8 --repeats 2
@@ -11,8 +11,9 @@ Both sides build the same plain model (``xtrain.model.build_model``, same
 seed), cut it the same way (``xtrain.parallel.pipeline.stages.stage_layers``:
 stage s holds the same blocks, the embedding on the first stage, the final
 norm, the head and the loss on the last; stage s on rank
-``build_schedule(...).stage_rank[s]``, i.e. s for GPipe/1F1B and s mod p for
-interleaved with v = ``--chunks`` stages per rank), read the same batch
+``schedule_layout(...).stage_rank[s]``, i.e. s for GPipe/1F1B/zb1p, s mod p for
+interleaved with v = ``--chunks`` stages per rank, and the V of DualPipeV:
+rank r holds stages r and 2p-1-r, torch's ``style="v"`` map), read the same batch
 (``xtrain.data.local_batch``, dp = 1) split into the same ``--micro``
 micro-batches, and take the same loss (mean next-token cross entropy in fp32,
 ``xtrain.parallel.base.cross_entropy``; each micro-batch's gradient scaled by
@@ -23,9 +24,21 @@ xtrain: the real trainer, ``xtrain.train.run``, with ``strategy=pp
 strategy.pp=N strategy.pp_schedule=...`` (``comm`` from ``--comm``).
 
 torch: ``PipelineStage`` per stage (shapes inferred at run time) and
-``ScheduleGPipe`` / ``Schedule1F1B`` / ``ScheduleInterleaved1F1B`` (the list
-of this rank's stages) with the same loss function; after ``schedule.step``
-the tied embedding's two gradients (first and last stage) are summed over a
+``ScheduleGPipe`` / ``Schedule1F1B`` / ``ScheduleInterleaved1F1B`` /
+``ScheduleInterleavedZeroBubble`` / ``ScheduleDualPipeV`` (the last three get
+the list of this rank's stages) with the same loss function. zb1p is matched
+with ``ScheduleInterleavedZeroBubble`` given ONE stage per rank (torch's
+ZB1P; with one stage per rank its F/I/W order per rank is xtrain's zb1p's,
+split the same way: I = the input gradient, W = the weight gradient of the
+same micro-batch later); ``ScheduleZBVZeroBubble`` is a V schedule (two
+stages per rank), a different pipeline. dualpipev is matched with
+``ScheduleDualPipeV`` (same V map, same m); torch runs its ``OVERLAP_F_B``
+action as its two sub-actions one after the other (no custom function is
+registered), and its overlapped backward is a full backward, as xtrain's. after ``schedule.step``
+every gradient is divided by m once (torch's schedules are built with
+``scale_grads=False``: their per-stage scaling would divide a parameter held
+by two of a rank's stages, the tied embedding under DualPipeV, twice); the
+tied embedding's two gradients (first and last stage) are summed over a
 group of those two ranks, as xtrain's ``Partial`` placement does, then the
 squared gradient norm is summed over the ranks (the tied weight counted once)
 and every rank scales its gradients, then ``optimizer.step()``.
@@ -72,13 +85,15 @@ from xtrain.data import load_data, local_batch  # noqa: E402
 from xtrain.model import ModelConfig, build_model  # noqa: E402
 from xtrain.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 from xtrain.parallel.base import cross_entropy  # noqa: E402
-from xtrain.parallel.pipeline.schedules import CHUNKED_SCHEDULES, build_schedule  # noqa: E402
+from xtrain.parallel.pipeline.schedules import CHUNKED_SCHEDULES, build_schedule, schedule_layout  # noqa: E402
 from xtrain.parallel.pipeline.stages import stage_layers  # noqa: E402
 from xtrain.spawn import run_on_ranks  # noqa: E402
 
 TARGET = 0.95  # xtrain tokens/s at least this fraction of torch's
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
-TORCH_SCHEDULE = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipev")
+TORCH_SCHEDULE = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
+                  "zb1p": "ScheduleInterleavedZeroBubble", "dualpipev": "ScheduleDualPipeV"}
+LIST_OF_STAGES = frozenset({"interleaved_1f1b", "zb1p", "dualpipev"})  # torch takes this rank's stages as a list
 
 
 def chunks_of(name: str, chunks: int) -> int:
@@ -150,17 +165,22 @@ class TorchPipeLoop:
         self.rank, self.p, self.m = dist.get_rank(), p, cfg.train.micro_batches
         torch.manual_seed(cfg.seed)
         model = build_model(ModelConfig.from_dict(dict(cfg.model.items())), cfg.seed)
-        n_stages = p * v
+        layout = schedule_layout(name, p, v)
+        self.stage_rank = list(layout.stage_rank)
+        n_stages = len(self.stage_rank)
         layers = stage_layers(model, n_stages, cfg.strategy.get("pp_layers"))
-        self.stage_rank = build_schedule(name, p, p, v).stage_rank
         mine = [s for s in range(n_stages) if self.stage_rank[s] == self.rank]
         self.first, self.last = 0 in mine, n_stages - 1 in mine
         parts = [model.part(layers[s], first=s == 0, last=s == n_stages - 1) for s in mine]
         device = torch.device("cpu")
         stages = [pipelining.PipelineStage(part, s, n_stages, device) for part, s in zip(parts, mine)]
         cls = getattr(pipelining, TORCH_SCHEDULE[name])
-        arg = stages if name in CHUNKED_SCHEDULES else stages[0]
-        self.schedule = cls(arg, n_microbatches=self.m, loss_fn=cross_entropy)
+        arg = stages if name in LIST_OF_STAGES else stages[0]
+        # scale_grads=False, and every gradient divided by m once in _sync_and_clip: torch's own scaling
+        # divides each stage's parameters by m at that stage's last backward, so a parameter in two of a
+        # rank's stages (the tied embedding when the first and the last stage share rank 0, DualPipeV)
+        # would be divided twice, part of it before the other stage's last gradients arrive
+        self.schedule = cls(arg, n_microbatches=self.m, loss_fn=cross_entropy, scale_grads=False)
         self.holder = nn.ModuleList(parts)  # one module over this rank's stages (shared parameters)
         self.params = list(self.holder.parameters())
         self.optimizer = build_optimizer(self.holder, self.t)
@@ -178,6 +198,9 @@ class TorchPipeLoop:
 
     @torch.no_grad()
     def _sync_and_clip(self) -> None:
+        grads = [q.grad for q in self.params if q.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, float(self.m))  # the 1/m of the mean over micro-batches, once
         if self.tied is not None and self.tied.grad is not None:
             dist.all_reduce(self.tied.grad, group=self.ends_group)
         grads = [q.grad for q in self.params if q.grad is not None]
@@ -328,13 +351,19 @@ def main(argv=None) -> int:
         runnable = []
         for name in schedules:
             v = chunks_of(name, args.chunks)
-            if p * v > args.layers:
-                notes.append(f"{name} at p={p}: needs {p * v} stages of at least one layer, the model has {args.layers}; skipped on both sides")
+            stage_rank = schedule_layout(name, p, v).stage_rank
+            n_stages = len(stage_rank)
+            if n_stages > args.layers:
+                notes.append(f"{name} at p={p}: needs {n_stages} stages of at least one layer, the model has {args.layers}; skipped on both sides")
+                continue
+            try:
+                build_schedule(name, p, args.micro, v)
+            except ValueError as e:
+                notes.append(f"{name} at p={p}, m={args.micro}: {e}; skipped on both sides")
                 continue
             runnable.append(name)
-            layers = stage_layers(plain, p * v)
-            stage_rank = build_schedule(name, p, p, v).stage_rank
-            print(f"p={p} {name}: {p * v} stages, blocks per stage {[len(x) for x in layers]}, stage -> rank {stage_rank}", flush=True)
+            layers = stage_layers(plain, n_stages)
+            print(f"p={p} {name}: {n_stages} stages, blocks per stage {[len(x) for x in layers]}, stage -> rank {stage_rank}", flush=True)
         if not runnable:
             continue
         t0 = time.perf_counter()

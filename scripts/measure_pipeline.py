@@ -6,6 +6,8 @@ measured timeline for ``scripts/plot_schedule.py``.
     python scripts/measure_pipeline.py --memory-pp 2 4                   # memory at p=2 and p=4 too
     python scripts/measure_pipeline.py --skip-memory --micro 4 \\
         --timeline-json /tmp/pp_{schedule}.json                          # and draw one:
+    python scripts/measure_pipeline.py --micro 8 16 --steps 5 --mem-micro 8 16 \\
+        --mem-schedules gpipe,1f1b,interleaved_1f1b,zb1p,dualpipe,dualpipev   # every schedule, p=4 simulated
     python scripts/plot_schedule.py --measured /tmp/pp_1f1b.json --out docs/img/pipeline_measured_1f1b.png
 
 Every figure comes from the real trainer (``xtrain.train.run``,
@@ -16,8 +18,8 @@ time it and to keep, after every step, the runner's ``last_timeline`` (this
 rank's actions with ``perf_counter`` start/end; CLOCK_MONOTONIC, one clock
 for all processes of the machine), ``wait_s`` and ``peak_in_flight``.
 
-1. Bubble, at pp=2 on 2 ranks (not oversubscribed), for gpipe, 1f1b and
-   interleaved_1f1b (v = ``--chunks``): per rank and step, the time waiting
+1. Bubble, at pp=2 on 2 ranks (not oversubscribed), for gpipe, 1f1b,
+   interleaved_1f1b (v = ``--chunks``), zb1p, dualpipe and dualpipev: per rank and step, the time waiting
    on receives (``wait_s``, which also holds the final wait on the sends)
    over the rank's pipeline time (``forward_backward``'s wall time), and the
    simulator's definition on the merged measured timeline (idle = makespan
@@ -28,9 +30,21 @@ for all processes of the machine), ``wait_s`` and ``peak_in_flight``.
    (``latency``: from the later of the SEND's end and the RECV's posting to
    the start of the compute that consumed it, median over messages;
    ``send``/``recv``: the mean time posting them takes); and the closed form
-   ``xtrain.formulas.pipeline_bubble_fraction``. The first ``--warmup``
-   steps are dropped; medians over the rest.
-2. Activation memory, gpipe against 1f1b at m = 2p and 4p, the micro-batch
+   (:func:`formula_fraction`: ``pipeline_bubble_fraction`` for the fused
+   schedules, ``pipeline_bubble_time`` with unit costs F = I = W = 1 for
+   zb1p and the DualPipes). The first ``--warmup`` steps are dropped;
+   medians over the rest. For the DualPipes also: does an OVERLAP hide its
+   messages (:func:`overlap_stats`: when each overlapped backward's gradient
+   was sent against the forward part, and the wait between the two parts).
+   Then (``--sim-pp``, default 4) every measured schedule simulated at that p
+   and ``--sim-micro`` (default 8 16): formula, unit costs, and the run's
+   measured per-layer-block costs (:func:`per_layer_costs`, from its largest
+   m) with free messages and with the run's message costs (here the
+   latency counts from the latest of SEND end, RECV posting and the rank's
+   previous compute end, ``latency_free``: an OVERLAP's backward waits for
+   its forward part, not for the message).
+2. Activation memory, ``--mem-schedules`` (default gpipe and 1f1b) at
+   ``--mem-micro`` (default m = 2p and 4p), the micro-batch
    size fixed (``--mem-micro-size`` sequences): the bytes of tensors saved
    for backward alive at once during the step, per rank. A
    ``torch.autograd.graph.saved_tensors_hooks`` pack hook counts each saved
@@ -42,8 +56,12 @@ for all processes of the machine), ``wait_s`` and ``peak_in_flight``.
    same micro-batch size, so exactly what the executor saves for one
    micro-batch). Formula: GPipe holds m micro-batches,
    1F1B min(p - r, m) on rank r (``Timeline.peak_activations`` of the
-   schedule, simulated), times the measured one-micro-batch bytes; the
-   executor's ``peak_in_flight`` is printed beside it.
+   schedule, simulated; ``peak_memory`` for the split backwards, a stage of
+   interleaved or DualPipeV being 1/v or 1/2 of a rank's layers), times the
+   measured one-micro-batch bytes; the executor's ``peak_in_flight`` is
+   printed beside it. What ``weight_grad.py``'s store keeps between an I and
+   its W is not seen by the hook (dY is no saved tensor): for split
+   backwards the measured peak is a lower bound.
 3. ``--timeline-json OUT``: the measured timeline of the median-makespan timed step of each
    schedule of part 1 (both ranks, seconds from the first action), in the
    simulator's JSON format (``timeline_to_json``). ``{schedule}`` and
@@ -69,7 +87,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from xtrain.formulas import pipeline_bubble_fraction  # noqa: E402
+from xtrain.formulas import pipeline_bubble_fraction, pipeline_bubble_time  # noqa: E402
 from xtrain.parallel.pipeline import (  # noqa: E402
     CHUNKED_SCHEDULES,
     Costs,
@@ -79,8 +97,23 @@ from xtrain.parallel.pipeline import (  # noqa: E402
     timeline_from_json,
     timeline_to_json,
 )
+from xtrain.parallel.pipeline.schedules import TWO_STAGE_SCHEDULES, schedule_layout  # noqa: E402
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb1p", "dualpipe", "dualpipev")
+UNIT = {"F": 1, "B": 2, "W": 1}  # "unit costs": F = I = W = 1 per action (B = I + W = 2)
+
+
+def formula_fraction(name: str, p: int, m: int, v: int = 1) -> float:
+    """The closed form's bubble fraction with unit costs (:data:`UNIT`): for
+    gpipe / 1f1b / interleaved ``pipeline_bubble_fraction`` (any F:B ratio);
+    for zb1p and the DualPipes ``pipeline_bubble_time`` (the DualPipe README's
+    table, per action) over itself plus the rank's compute (m(F+B) per stage
+    of the rank, from the unit-cost simulation's busy time)."""
+    if name in ("gpipe", "1f1b", "interleaved_1f1b"):
+        return pipeline_bubble_fraction(name, p, m, v)
+    idle = pipeline_bubble_time(name, p, UNIT["F"], UNIT["B"], UNIT["W"])
+    busy = float(simulate(build_schedule(name, p, m, v), Costs(**UNIT)).busy[0])
+    return idle / (idle + busy)
 MB = 2**20
 
 
@@ -232,7 +265,7 @@ def message_costs(tl: Timeline, schedule) -> dict:
     """Measured message figures of one step: latency samples (from the later of
     SEND end and RECV posting to the consuming compute's start), mean SEND and
     RECV posting time, and per-compute wait after a posted receive."""
-    send_end, recv_end, start = {}, {}, {}
+    send_end, recv_end, start, free_at = {}, {}, {}, {}
     sends, recvs = [], []
     for r in range(tl.n_ranks):
         for iv in tl.comm[r]:
@@ -243,14 +276,21 @@ def message_costs(tl: Timeline, schedule) -> dict:
             else:
                 recv_end[schedule.message_key(a)] = (r, iv.end, a)
                 recvs.append(iv.duration)
-        for iv in tl.intervals[r]:
+        row = sorted(tl.intervals[r], key=lambda iv: iv.start)
+        for k, iv in enumerate(row):
             start[(r, iv.action.kind, iv.action.stage, iv.action.mb)] = iv.start
-    samples, early_waits, late = [], [], []
+            # when the rank could have started this compute at the earliest: its previous compute's end
+            free_at[(r, iv.action.kind, iv.action.stage, iv.action.mb)] = row[k - 1].end if k else iv.start
+    samples, early_waits, late, busy_free = [], [], [], []
     for key, (r, posted, a) in recv_end.items():
         consumer = (r, "F" if a.kind == "RECV_F" else "B", a.stage, a.mb)
+        if consumer not in start and a.kind == "RECV_B":
+            consumer = (r, "I", a.stage, a.mb)  # a split backward's input-gradient part
         if key not in send_end or consumer not in start:
             continue
         samples.append(start[consumer] - max(send_end[key], posted))
+        # the same, but not before the rank was free (an OVERLAP's backward part waits for its forward part)
+        busy_free.append(start[consumer] - max(send_end[key], posted, free_at[consumer]))
         if send_end[key] <= posted:  # already sent when the receive was posted: the wait is the transfer alone
             early_waits.append(start[consumer] - posted)
         late.append(send_end[key] > posted)
@@ -258,12 +298,77 @@ def message_costs(tl: Timeline, schedule) -> dict:
         # a message can land before its isend call returns (negative samples): the simulator gets >= 0
         "latency": max(0.0, statistics.median(samples)) if samples else 0.0,
         "latency_raw": statistics.median(samples) if samples else 0.0,
+        "latency_free": max(0.0, statistics.median(busy_free)) if busy_free else 0.0,
         "early_wait": statistics.median(early_waits) if early_waits else 0.0,
         "send": statistics.fmean(sends) if sends else 0.0,
         "recv": statistics.fmean(recvs) if recvs else 0.0,
         "n_messages": len(samples),
         "sent_before_posted": sum(1 for x in late if not x),
     }
+
+
+def overlap_stats(tl: Timeline, schedule) -> dict:
+    """Does an OVERLAP hide its messages? For every OVERLAP on every rank whose
+    backward part takes a received gradient: when the gradient's SEND ended
+    against the OVERLAP's forward part, and the wait between the forward's end
+    and the backward's start (the executor waits on the receive there).
+    Beside it, the same wait for backwards (B or I) outside an OVERLAP with a
+    received gradient: the gap from the rank's previous compute end."""
+    send_end, recv = {}, {}
+    for r in range(tl.n_ranks):
+        for iv in tl.comm[r]:
+            if iv.action.is_send:
+                send_end[schedule.message_key(iv.action)] = iv.end
+            else:
+                recv[(r, iv.action.kind, iv.action.stage, iv.action.mb)] = schedule.message_key(iv.action)
+    ov = {"n": 0, "sent_during_f": 0, "sent_before_f": 0, "sent_after_f": 0, "waits": [], "waits_during": [], "f_s": []}
+    plain_waits = []
+    for r in range(tl.n_ranks):
+        ivs = {(iv.action.kind, iv.action.stage, iv.action.mb): iv for iv in tl.intervals[r]}
+        overlapped = set()
+        for a in schedule.actions[r]:
+            if a.kind != "OVERLAP":
+                continue
+            f, b = a.sub
+            overlapped.add((b.kind, b.stage, b.mb))
+            key = recv.get((r, "RECV_B", b.stage, b.mb))
+            fi, bi = ivs.get(("F", f.stage, f.mb)), ivs.get((b.kind, b.stage, b.mb))
+            if key is None or key not in send_end or fi is None or bi is None:
+                continue
+            se, wait = send_end[key], bi.start - fi.end
+            ov["n"] += 1
+            ov["waits"].append(wait)
+            ov["f_s"].append(fi.end - fi.start)
+            if se <= fi.start:
+                ov["sent_before_f"] += 1
+            elif se <= fi.end:
+                ov["sent_during_f"] += 1
+                ov["waits_during"].append(wait)
+            else:
+                ov["sent_after_f"] += 1
+        row = sorted(tl.intervals[r], key=lambda iv: iv.start)
+        for prev, iv in zip(row, row[1:]):
+            k = (iv.action.kind, iv.action.stage, iv.action.mb)
+            if iv.action.kind in ("B", "I") and k not in overlapped and (r, "RECV_B", iv.action.stage, iv.action.mb) in recv:
+                plain_waits.append(iv.start - prev.end)
+    med = lambda xs: statistics.median(xs) if xs else float("nan")  # noqa: E731
+    return {"n": ov["n"], "sent_before_f": ov["sent_before_f"], "sent_during_f": ov["sent_during_f"],
+            "sent_after_f": ov["sent_after_f"], "wait_ms": med(ov["waits"]) * 1e3,
+            "wait_during_ms": med(ov["waits_during"]) * 1e3, "wait_max_ms": max(ov["waits"], default=float("nan")) * 1e3,
+            "f_ms": med(ov["f_s"]) * 1e3, "plain_n": len(plain_waits), "plain_wait_ms": med(plain_waits) * 1e3}
+
+
+def per_layer_costs(tl: Timeline, layers_of_stage) -> dict:
+    """Mean measured seconds per (kind, one layer block) of a timeline's compute:
+    each action's duration over the blocks of its stage (the embedding and the
+    head ride on the end stages' blocks)."""
+    tot, n = {}, {}
+    for row in tl.intervals:
+        for iv in row:
+            k = iv.action.kind
+            tot[k] = tot.get(k, 0.0) + (iv.end - iv.start)
+            n[k] = n.get(k, 0) + layers_of_stage(iv.action.stage)
+    return {k: tot[k] / n[k] for k in tot}
 
 
 def bubble_rows(results, chunks, warmup):
@@ -279,11 +384,12 @@ def bubble_rows(results, chunks, warmup):
             steps = [r["steps"][i] for r in per_rank]
             tl = merged_timeline(name, m, per_rank[0]["stage_rank"], [s["timeline"] for s in steps])
             mc = message_costs(tl, schedule)
+            ovs = overlap_stats(tl, schedule)
             free = simulate(schedule, Costs.from_timeline(tl))
             costs = Costs.from_timeline(tl, latency=mc["latency"])
             with_msgs = simulate(schedule, Costs(latency=costs.latency, send=mc["send"], recv=mc["recv"], per_stage=costs.per_stage))
             per_step.append({
-                "timeline": tl, "msgs": mc,
+                "timeline": tl, "msgs": mc, "overlap": ovs,
                 "fb_s": [s["end"] - s["start"] for s in steps],
                 "step_s": [s["step_time_s"] for s in steps],
                 "wait_s": [s["wait_s"] for s in steps],
@@ -302,17 +408,21 @@ def bubble_rows(results, chunks, warmup):
             return med([s[key][r] if r is not None else s[key] for s in per_step])
 
         entry = {
-            "name": name, "m": m, "p": p, "v": v, "formula": pipeline_bubble_fraction(name, p, m, v),
+            "name": name, "m": m, "p": p, "v": v, "formula": formula_fraction(name, p, m, v),
             "steps": len(per_step), "layers": per_rank[0]["layers"], "stage_rank": per_rank[0]["stage_rank"],
             "makespan": col("makespan"), "bubble_tl": col("bubble_tl"),
             "sim_free_bubble": col("sim_free_bubble"), "sim_msgs_bubble": col("sim_msgs_bubble"),
             "sim_free_makespan": col("sim_free_makespan"), "sim_msgs_makespan": col("sim_msgs_makespan"),
             "latency_ms": med([s["msgs"]["latency"] for s in per_step]) * 1e3,
             "latency_raw_ms": med([s["msgs"]["latency_raw"] for s in per_step]) * 1e3,
+            "latency_free_ms": med([s["msgs"]["latency_free"] for s in per_step]) * 1e3,
             "early_wait_ms": med([s["msgs"]["early_wait"] for s in per_step]) * 1e3,
             "send_ms": med([s["msgs"]["send"] for s in per_step]) * 1e3,
             "recv_ms": med([s["msgs"]["recv"] for s in per_step]) * 1e3,
             "n_messages": per_step[-1]["msgs"]["n_messages"],
+            "overlap": {k: med([s["overlap"][k] for s in per_step]) for k in per_step[0]["overlap"]},
+            "per_layer": {k: med([per_layer_costs(s["timeline"], lambda st, L=per_rank[0]["layers"], sch=schedule: len(L[sch.stage_layers_of(st)]))[k]
+                                  for s in per_step]) for k in per_layer_costs(per_step[0]["timeline"], lambda st: 1)},
             "sent_before_posted": per_step[-1]["msgs"]["sent_before_posted"],
             "costs": {f"{k}{s}": round(d * 1e3, 2) for (k, s), d in sorted(Costs.from_timeline(per_step[-1]["timeline"]).per_stage.items(), key=lambda kv: (kv[0][1], kv[0][0]))},
             # the timed step whose makespan is the median one: the picture of a typical step
@@ -350,6 +460,82 @@ def print_bubble(table, args) -> None:
         print(f"{e['name']} m={e['m']}: blocks per stage {[len(x) for x in e['layers']]}, stage -> rank {e['stage_rank']}; "
               f"{e['steps']} timed steps; last step's measured costs ms per (kind, stage): {e['costs']}; "
               f"{e['sent_before_posted']} of {e['n_messages']} messages were sent before their receive was posted")
+
+
+def simulate_at(table, p: int, micro, chunks: int, blocks_of) -> list[dict]:
+    """Each measured schedule (its median-over-steps per-layer costs from the pp=2
+    run at the largest measured m) simulated at p ranks: unit costs, measured
+    costs with free messages, and measured costs plus the run's measured message
+    latency. ``blocks_of(n)``: layers per block when the model is cut into n
+    blocks. A kind the run did not measure (I/W for a fused-backward schedule)
+    comes from all runs pooled: B = I + W, or I and W in the pooled I:W ratio."""
+    pooled: dict[str, list[float]] = {}
+    for e in table:
+        for k, c in e["per_layer"].items():
+            pooled.setdefault(k, []).append(c)
+    pool = {k: statistics.fmean(v) for k, v in pooled.items()}
+    src = {}
+    for e in table:  # one source run per schedule: the largest m measured
+        if e["name"] not in src or e["m"] > src[e["name"]]["m"]:
+            src[e["name"]] = e
+    rows = []
+    for name, e in src.items():
+        c = dict(e["per_layer"])
+        if "B" not in c:
+            c["B"] = c.get("I", pool.get("I", 0)) + c.get("W", pool.get("W", 0))
+        if "I" not in c or "W" not in c:
+            share = pool["W"] / (pool["I"] + pool["W"]) if "I" in pool and "W" in pool else 0.5
+            c.setdefault("W", c["B"] * share)
+            c.setdefault("I", c["B"] - c["W"])
+        v = e["v"]
+        for m in micro:
+            sched = build_schedule(name, p, m, v)
+            layout = schedule_layout(name, p, v)
+            per_block = blocks_of(layout.n_blocks)
+            per_stage = {(k, st): c[k] * per_block[layout.stage_layers_of(st)] for k in ("F", "B", "I", "W") for st in range(sched.n_stages)}
+            unit = simulate(sched, Costs(**UNIT))
+            free = simulate(sched, Costs(per_stage=per_stage))
+            lat = e["latency_free_ms"] / 1e3  # not counting time a message waited for its rank to be free
+            msgs = simulate(sched, Costs(per_stage=per_stage, latency=lat, send=e["send_ms"] / 1e3, recv=e["recv_ms"] / 1e3))
+            rows.append({
+                "name": name, "p": p, "m": m, "v": v, "from_m": e["m"], "formula": formula_fraction(name, p, m, v),
+                "unit": float(unit.bubble_fraction), "free": float(free.bubble_fraction), "msgs": float(msgs.bubble_fraction),
+                "free_makespan": float(free.makespan), "msgs_makespan": float(msgs.makespan), "latency_ms": e["latency_free_ms"],
+                "send_ms": e["send_ms"], "recv_ms": e["recv_ms"],
+                "peak_act": list(unit.peak_activations), "peak_mem": [float(x) for x in unit.peak_memory],
+                "per_layer_ms": {k: round(x * 1e3, 2) for k, x in sorted(c.items())},
+            })
+    return rows
+
+
+def print_simulated_at(rows) -> None:
+    if not rows:
+        return
+    p = rows[0]["p"]
+    print(f"\n### Bubble at p={p}: formula, simulated with unit costs, simulated with the pp=2 run's measured costs\n")
+    print("| schedule | m | formula (unit costs) | simulated, unit costs | simulated, measured costs, free messages | simulated, measured costs + measured messages (latency, posting) | makespan s (free / latency) | peak activations, unit sim (stage-micro-batches per rank) | peak memory, unit sim |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|")
+    for x in rows:
+        print(f"| {x['name']} | {x['m']} | {x['formula']:.3f} | {x['unit']:.3f} | {x['free']:.3f} | {x['msgs']:.3f} | "
+              f"{x['free_makespan']:.3f} / {x['msgs_makespan']:.3f} | {' '.join(map(str, x['peak_act']))} | {' '.join('%g' % y for y in x['peak_mem'])} |")
+    print()
+    for x in rows:
+        if x["m"] == rows[0]["m"]:
+            print(f"{x['name']}: measured ms per layer block at pp=2 m={x['from_m']}: {x['per_layer_ms']}; latency {x['latency_ms']:.2f} ms "
+                  f"(from the later of SEND end, RECV posting and the rank's previous compute end), send / recv posting {x['send_ms']:.2f} / {x['recv_ms']:.2f} ms")
+
+
+def print_overlap(table) -> None:
+    rows = [e for e in table if e["overlap"]["n"]]
+    if not rows:
+        return
+    print("\n### OVERLAP: where the backward part's received gradient was sent, against the forward part\n")
+    print("| schedule | m | overlapped backwards with a received gradient (per step) | sent before F started | sent while F ran | sent after F ended | wait F end -> B start, ms (median / max) | median wait when sent during F, ms | F part ms | non-overlapped B/I with received gradient: n, median gap ms |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
+    for e in rows:
+        o = e["overlap"]
+        print(f"| {e['name']} | {e['m']} | {o['n']:g} | {o['sent_before_f']:g} | {o['sent_during_f']:g} | {o['sent_after_f']:g} | "
+              f"{o['wait_ms']:.2f} / {o['wait_max_ms']:.2f} | {o['wait_during_ms']:.2f} | {o['f_ms']:.1f} | {o['plain_n']:g}, {o['plain_wait_ms']:.2f} |")
 
 
 def write_timelines(table, pattern: str) -> list[Path]:
@@ -397,7 +583,7 @@ def memory_worker(rank, world, cases, root):
             Probe.tracker, Probe.measure_memory = None, False
         last = Probe.steps[-1]
         out.append({
-            "name": name, "m": m, "rank": rank, "stages": Probe.runner.plan.my_stages,
+            "name": name, "m": m, "rank": rank, "stages": Probe.runner.plan.my_stages, "v": Probe.runner.plan.v,
             "saved_peak": last["saved_peak"], "saved_after": last["saved_after"],
             "peak_in_flight": last["peak_in_flight"],
         })
@@ -411,13 +597,20 @@ def memory_table(results):
         if m == 1:
             continue
         unit = results[("gpipe", p, 1)]
-        held = simulate(build_schedule(name, p, m)).peak_activations
+        v = per_rank[0].get("v", 1)
+        sim = simulate(build_schedule(name, p, m, v))
+        held = sim.peak_activations
+        layout = schedule_layout(name, p, v)
+        # a (stage, micro-batch) unit is one stage's share of the rank's layers
+        share = 1.0 if name not in TWO_STAGE_SCHEDULES and v == 1 else (
+            1.0 if name == "dualpipe" else 1.0 / (2 if name == "dualpipev" else v))
         for r in per_rank:
             rank = r["rank"]
             one = unit[rank]["saved_peak"]
             rows.append({
                 "name": name, "p": p, "m": m, "rank": rank, "one_mb": one / MB, "formula_held": held[rank],
-                "formula_mb": held[rank] * one / MB, "peak_mb": r["saved_peak"] / MB,
+                "sim_mem": float(sim.peak_memory[rank]), "share": share,
+                "formula_mb": float(sim.peak_memory[rank]) * share * one / MB, "peak_mb": r["saved_peak"] / MB,
                 "peak_over_one": r["saved_peak"] / one, "in_flight": r["peak_in_flight"],
                 "after_mb": r["saved_after"] / MB,
             })
@@ -426,10 +619,10 @@ def memory_table(results):
 
 def print_memory(rows) -> None:
     print("\n### Activation memory: peak bytes saved for backward per rank (MB = 2^20 bytes)\n")
-    print("| schedule | p | m | rank | one micro-batch MB (measured, m = 1) | formula: micro-batches held | formula MB | measured peak MB | measured peak / one micro-batch | executor peak_in_flight |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| schedule | p | m | rank | one micro-batch MB (measured, m = 1) | simulated: stage-micro-batches held / peak memory (units) | unit = rank's layers x | simulated MB | measured peak MB | measured peak / one micro-batch | executor peak_in_flight |")
+    print("|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for x in rows:
-        print(f"| {x['name']} | {x['p']} | {x['m']} | {x['rank']} | {x['one_mb']:.2f} | {x['formula_held']} | "
+        print(f"| {x['name']} | {x['p']} | {x['m']} | {x['rank']} | {x['one_mb']:.2f} | {x['formula_held']} / {x['sim_mem']:g} | {x['share']:g} | "
               f"{x['formula_mb']:.2f} | {x['peak_mb']:.2f} | {x['peak_over_one']:.3f} | {x['in_flight']} |")
     left = [x for x in rows if x["after_mb"] > 0.01]
     if left:
@@ -451,6 +644,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="steps dropped at the start of every bubble run (default 2)")
     ap.add_argument("--memory-pp", type=int, nargs="*", default=[2], help="pipeline sizes of the memory runs (default 2; 4 oversubscribes)")
     ap.add_argument("--mem-micro-size", type=int, default=2, help="sequences per micro-batch in the memory runs (default 2)")
+    ap.add_argument("--mem-micro", type=int, nargs="*", default=None, help="micro-batch counts of the memory runs (default 2p and 4p)")
+    ap.add_argument("--mem-schedules", default="gpipe,1f1b", help="schedules of the memory runs (default gpipe,1f1b)")
+    ap.add_argument("--sim-pp", type=int, default=4, help="also simulate every measured schedule at this p with the measured costs (0: no)")
+    ap.add_argument("--sim-micro", type=int, nargs="+", default=[8, 16], help="micro-batch counts of that simulation (default 8 16)")
     ap.add_argument("--skip-bubble", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--comm", default="xtrain", choices=("xtrain", "torch"))
@@ -482,6 +679,17 @@ def main(argv=None) -> int:
             results[(name, m)] = [per_rank[r][i] for r in range(p)]
         table = bubble_rows(results, args.chunks, args.warmup)
         print_bubble(table, args)
+        print_overlap(table)
+        if args.sim_pp:
+            from xtrain.config import compose
+            from xtrain.model import ModelConfig, build_model
+            from xtrain.parallel.pipeline.stages import stage_layers
+
+            cfg0 = compose(_base(args, 1, args.micro_size))
+            plain = build_model(ModelConfig.from_dict(dict(cfg0.model.items())), cfg0.seed)
+            sim_rows = simulate_at(table, args.sim_pp, args.sim_micro, args.chunks, lambda n: [len(x) for x in stage_layers(plain, n)])
+            print_simulated_at(sim_rows)
+            dump["simulated_at"] = sim_rows
         if args.timeline_json:
             for path in write_timelines(table, args.timeline_json):
                 print(f"wrote {path}")
@@ -490,9 +698,9 @@ def main(argv=None) -> int:
         rows = []
         for p in args.memory_pp:
             cases = [("gpipe", 1, _overrides(_base(args, 1, args.mem_micro_size), "gpipe", p, 1, 1))]  # one micro-batch
-            for m in (2 * p, 4 * p):
-                for name in ("gpipe", "1f1b"):
-                    cases.append((name, m, _overrides(_base(args, m, m * args.mem_micro_size), name, p, 1, 1)))
+            for m in (args.mem_micro or (2 * p, 4 * p)):
+                for name in [s for s in args.mem_schedules.split(",") if s]:
+                    cases.append((name, m, _overrides(_base(args, m, m * args.mem_micro_size), name, p, args.chunks, 1)))
             t0 = time.perf_counter()
             per_rank = run_on_ranks(memory_worker, p, cases, str(root), timeout=3600, pg_timeout=600)
             print(f"memory job ({p} ranks): {time.perf_counter() - t0:.0f} s, load avg now {os.getloadavg()[0]:.2f}; "

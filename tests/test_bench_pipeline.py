@@ -1,8 +1,9 @@
 """scripts/bench_pipeline.py runs end to end: a smoke test, not a timing.
 
 At its smallest setting (2 ranks, 2 steps, model=tiny with 4 layers so the
-interleaved schedule has 2 stages per rank) the script must print one row
-per schedule, xtrain's beside torch.distributed.pipelining's, and the two
+interleaved schedule has 2 stages per rank and DualPipeV its 4 stages of one
+block; m = 4 = 2p, DualPipeV's least) the script must print one row per
+schedule (gpipe, 1f1b, interleaved_1f1b, zb1p, dualpipev), xtrain's beside torch.distributed.pipelining's, and the two
 sides' losses must agree (same weights, same batches, same loss).
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_pipeline.py"
-ROWS = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B"}
+ROWS = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
+        "zb1p": "ScheduleInterleavedZeroBubble", "dualpipev": "ScheduleDualPipeV"}
 
 
 @pytest.mark.timeout(120)
