@@ -600,7 +600,6 @@ def memory_table(results):
         v = per_rank[0].get("v", 1)
         sim = simulate(build_schedule(name, p, m, v))
         held = sim.peak_activations
-        layout = schedule_layout(name, p, v)
         # a (stage, micro-batch) unit is one stage's share of the rank's layers
         share = 1.0 if name not in TWO_STAGE_SCHEDULES and v == 1 else (
             1.0 if name == "dualpipe" else 1.0 / (2 if name == "dualpipev" else v))

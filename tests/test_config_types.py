@@ -2,7 +2,6 @@
 compose time with one message naming the key, the value and the expected type;
 the entry point turns it into exit code 2 on every rank, without a traceback."""
 
-import os
 import pickle
 import shutil
 import subprocess

@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 
 from xtrain.checkpoint import complete_checkpoints
