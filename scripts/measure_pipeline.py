@@ -197,6 +197,8 @@ def _install_probe() -> None:
         tracker = Probe.tracker
         if tracker is not None:
             tracker.reset_peak()
+            # what a split backward keeps from I to W (X and dY of each linear) counts too
+            self.weight_grads.keep = tracker.pack
         t0 = time.perf_counter()
         with tracker.hooks() if tracker is not None else contextlib.nullcontext():
             loss = original(self, *args, **kwargs)

@@ -44,7 +44,8 @@ class _DeferredLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        ctx.store.pending.setdefault(ctx.key, []).append((ctx.weight, ctx.bias, x, dy))
+        keep = ctx.store.keep
+        ctx.store.pending.setdefault(ctx.key, []).append((ctx.weight, ctx.bias, keep(x), keep(dy)))
         return (dy.to(w.dtype) @ w).to(dy.dtype), None, None, None, None, None
 
 
@@ -76,6 +77,8 @@ class WeightGradStore:
 
     def __init__(self):
         self.pending: dict[tuple[int, int], list] = {}
+        # applied to every tensor held from I to W (X and dY): a measurement can count them
+        self.keep = lambda t: t
 
     def mode(self, module: torch.nn.Module, key: tuple[int, int]):
         """Context for the forward of (stage, micro-batch) ``key`` whose backward
