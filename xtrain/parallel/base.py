@@ -216,7 +216,7 @@ class Strategy:
     @torch.no_grad()
     def load_full_state(self, model: nn.Module, optimizer, params: dict, optim: dict) -> None:
         """Load the canonical form: each rank keeps its piece of every tensor it holds."""
-        check_names(self.canonical or dict(model.named_parameters()), params)
+        check_names(self.canonical, params)
         for n, p in model.named_parameters():
             p.copy_(pl.local_piece(params[n], p))
             if n in optim:
