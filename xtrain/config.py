@@ -289,6 +289,10 @@ def _problems(cfg: DictConfig, world_size: int, data_vocab: int | None) -> list[
         from xtrain.parallel.pipeline.stages import check_pipeline
 
         problems += check_pipeline(cfg.strategy, degrees["pp"], t.micro_batches, mcfg.n_layers)
+    if degrees is not None and degrees["cp"] > 1:
+        from xtrain.parallel.context import check_context_parallel
+
+        problems += check_context_parallel(cfg.strategy, degrees["cp"], t.seq_len, mcfg, degrees["tp"], sp)
     if data_vocab is not None and mcfg is not None and data_vocab > mcfg.vocab_size:
         problems.append(f"the data has {data_vocab} token ids but model.vocab_size={mcfg.vocab_size}")
     if not t.lr > 0:

@@ -407,3 +407,32 @@ def pipeline_bubble_time(schedule: str, p: int, F: float, B: float, W: float = 0
     if schedule == "dualpipev":
         return (p - 1) * (overlap + B - 3 * W)
     raise ValueError(f"no closed-form bubble time for schedule {schedule!r}")
+
+
+# -- context parallel: bytes per attention layer ------------------------------------------------
+
+
+def cp_attention_bytes(variant: str, cp: int, B: int, H: int, K: int, Tl: int, E: int, elem: int) -> dict[str, int]:
+    """Bytes one rank sends for one attention layer under context parallelism,
+    ``forward`` and ``backward``, for a local sequence of Tl = T/cp columns with
+    H query and K kv heads of width E, activations of ``elem`` bytes; kv =
+    2·B·K·Tl·E elements (this rank's k and v; only the K kv heads travel):
+
+    - ring: forward (cp-1)·kv·elem (k and v pass cp-1 neighbours); backward
+      the same again plus cp·kv·4 (the fp32 dK/dV accumulators travel cp hops,
+      home included);
+    - allgather: an all-gather of kv, (cp-1)·kv·elem; backward a
+      reduce-scatter of the fp32 gradients, (cp-1)·kv·4;
+    - ulysses: all-to-alls of q, k, v and the output, (cp-1)/cp of each,
+      (cp-1)/cp·B·Tl·E·(2H+2K)·elem; backward the same (their gradients).
+
+    Checked against the ledger by tests/test_context_attention.py."""
+    kv = 2 * B * K * Tl * E
+    if variant == "ring":
+        return {"forward": (cp - 1) * kv * elem, "backward": (cp - 1) * kv * elem + cp * kv * 4}
+    if variant == "allgather":
+        return {"forward": ring_bytes("all_gather", cp * kv * elem, cp), "backward": ring_bytes("reduce_scatter", cp * kv * 4, cp)}
+    if variant == "ulysses":
+        moved = sum(ring_bytes("all_to_all", B * h * Tl * E * elem, cp) for h in (H, K, K, H))
+        return {"forward": moved, "backward": moved}
+    raise ValueError(f"no byte formula for cp variant {variant!r}")

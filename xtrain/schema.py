@@ -23,6 +23,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from xtrain.parallel.context.attention import VARIANTS as CP_VARIANTS
+from xtrain.parallel.context.kernels import KERNELS as CP_KERNELS
+from xtrain.parallel.context.layout import LAYOUTS as CP_LAYOUTS
 from xtrain.parallel.pipeline.schedules import SCHEDULES
 
 from xtrain.model import ModelConfig
@@ -58,6 +61,10 @@ class StrategyConfig:
     pp_schedule: str = choice(*SCHEDULES, default="1f1b")  # the registry in parallel/pipeline/schedules.py
     pp_chunks: int = 1  # model chunks per pipeline rank (interleaved schedules)
     pp_layers: Optional[List[int]] = None  # blocks per stage; null: balanced by parameter count
+    # Context parallelism (cp > 1): xtrain/parallel/context/.
+    cp_attn: str = choice(*CP_VARIANTS)  # ring (default) | allgather (Llama 3) | ulysses (all-to-all over heads)
+    cp_layout: str = choice(*CP_LAYOUTS)  # zigzag (rank r: chunks r and 2cp-1-r of 2cp) | contiguous
+    cp_kernel: str = choice(*CP_KERNELS)  # auto: the device's fused kernel with log-sum-exp | math
 
 
 # Every field of the model's own dataclass, plus the preset's name: declared once, in ModelConfig.

@@ -175,6 +175,7 @@ def _train(cfg, data, device, rank, world, run_dir, return_params, on_step=None)
         with torch.no_grad(), autocast:
             for i in range(t.eval_batches):
                 x, y = local_batch(data.val, step=i, split="val", dp_rank=strategy.dp_rank, dp=strategy.dp_size, **batch_args)
+                x, y = strategy.take_columns(x, y)
                 total += strategy.runner.eval_loss(x.to(device), y.to(device))
         model.train()
         return global_mean(total / t.eval_batches, strategy.loss_weight(eval=True))[0]
@@ -187,6 +188,7 @@ def _train(cfg, data, device, rank, world, run_dir, return_params, on_step=None)
             lr = lr_at(step, lr=t.lr, warmup_steps=t.warmup_steps, total_steps=t.steps, min_lr_ratio=t.min_lr_ratio)
             set_lr(optimizer, lr)
             x, y = local_batch(data.train, step=step, dp_rank=strategy.dp_rank, dp=strategy.dp_size, **batch_args)
+            x, y = strategy.take_columns(x, y)  # cp: this rank's columns of each sequence
             loss = strategy.runner.forward_backward(x.to(device), y.to(device), t.micro_batches, autocast)
             strategy.reduce_gradients(model)
             grad_norm = strategy.clip_grad_norm_(model, t.grad_clip)

@@ -61,7 +61,9 @@ class Strategy:
         self.model_axes: list[str] = []  # axes the model is split over: the grad norm sums there
         self.loss_counts = True  # whether this rank's loss enters the global mean
         self.eval_loss_counts = True  # the same for the validation loss (a pipeline's eval path may differ)
-        self.seq_parts = 1  # parts each sequence's activations are split into between blocks (sp, cp)
+        self.seq_parts = 1  # parts this rank's sequence activations are split into between blocks (sp)
+        self.data_axes: list[str] = ["dp"]  # axes the batch is split over: gradients are averaged there (cp joins)
+        self.seq_layout = None  # which columns of each sequence this rank holds (cp); None: all
         self.runner_cls = MicroBatchRunner
         self.runner = None
         self.canonical: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # the whole model's parameters
@@ -88,6 +90,30 @@ class Strategy:
     @property
     def dp_size(self) -> int:
         return self.mesh.degrees["dp"]
+
+    @property
+    def data_group(self):
+        """The group gradients are averaged over (and ZeRO shards over): ``data_axes``."""
+        return self.mesh.group(tuple(self.data_axes))
+
+    @property
+    def data_size(self) -> int:
+        return self.mesh.size(self.data_axes)
+
+    @property
+    def data_rank(self) -> int:
+        return self.mesh.ranks(tuple(self.data_axes)).index(self.mesh.rank)
+
+    def take_columns(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's columns of a batch of whole sequences (all of them unless cp)."""
+        if self.seq_layout is None:
+            return x, y
+        cols = self.seq_layout.columns(x.shape[1])
+        return x[:, cols], y[:, cols]
+
+    def positions(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Rotary positions of the columns of ``x`` (this rank's tokens); None: 0..T-1."""
+        return None if self.seq_layout is None else self.seq_layout.positions(x.shape[1], x.device)
 
     def loss_weight(self, eval: bool = False) -> float:
         """1 if this rank's (training or validation) loss counts in the global mean

@@ -45,7 +45,7 @@ def check_reduce_dtype(options) -> list[str]:
 
 class DataParallel(Strategy):
     name = "dp"
-    supported_axes = ("pp", "dp", "tp")
+    supported_axes = ("pp", "dp", "cp", "tp")
 
     @classmethod
     def check(cls, options, degrees, world_size):
@@ -53,7 +53,7 @@ class DataParallel(Strategy):
 
     @torch.no_grad()
     def reduce_gradients(self, model: nn.Module) -> None:
-        group, dtype = self.mesh.group("dp"), reduce_dtype_of(self.options)
+        group, dtype = self.data_group, reduce_dtype_of(self.options)
         for p in model.parameters():
             if p.grad is None or group is SOLO:  # dp=1: nothing to average
                 continue
@@ -135,7 +135,7 @@ class DistributedDataParallel(DataParallel):
     def _launch(self, bucket: Bucket) -> None:
         buf = bucket.buffer if bucket.buffer.dtype == self.reduce_dtype else bucket.buffer.to(self.reduce_dtype)
         bucket.comm_buffer = buf
-        bucket.work = self.comm.all_reduce(buf, op=ReduceOp.AVG, group=self.mesh.group("dp"), async_op=True)
+        bucket.work = self.comm.all_reduce(buf, op=ReduceOp.AVG, group=self.data_group, async_op=True)
 
     def grads_final(self, chunk: nn.Module):
         @contextlib.contextmanager
@@ -185,3 +185,12 @@ class PipelineParallel(DataParallel):
     ranks. ddp, zero1 and zero2 compose with pp the same way."""
 
     name = "pp"
+
+
+class ContextParallel(DataParallel):
+    """``strategy=cp``: context parallelism (``strategy.cp``, default 2;
+    ``strategy.cp_attn``, ``strategy.cp_layout``), with plain data parallelism
+    over any remaining ranks; gradients are averaged over dp x cp. ddp, zero1,
+    zero2 and zero3 compose with cp the same way."""
+
+    name = "cp"

@@ -35,11 +35,11 @@ class MicroBatchRunner:
             last = i == micro_batches - 1
             with self.strategy.grads_final(self.model) if last else contextlib.nullcontext():
                 with autocast:
-                    loss = loss_fn(self.model(xb), yb)
+                    loss = loss_fn(self.model(xb, self.strategy.positions(xb)), yb)
                 (loss / micro_batches).backward()
             total += loss.detach()
         return total / micro_batches
 
     @torch.no_grad()
     def eval_loss(self, x, y) -> torch.Tensor:
-        return self.strategy.loss_fn(self.model(x), y)
+        return self.strategy.loss_fn(self.model(x, self.strategy.positions(x)), y)

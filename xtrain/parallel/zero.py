@@ -76,7 +76,7 @@ class ShardGroup:
 class Zero(Strategy):
     name = "zero"
     stage = 0
-    supported_axes = ("pp", "dp", "tp")
+    supported_axes = ("pp", "dp", "cp", "tp")
 
     @classmethod
     def check(cls, options, degrees, world_size):
@@ -89,8 +89,8 @@ class Zero(Strategy):
     @torch.no_grad()
     def apply_data_parallel(self, model: nn.Module) -> nn.Module:
         # after the model transforms: ZeRO shards the local (tp, stage) parameters over dp
-        self.group = self.mesh.group("dp")
-        self.n, self.r = self.mesh.degrees["dp"], self.mesh.coord("dp")
+        self.group = self.data_group  # dp, or dp x cp under context parallel
+        self.n, self.r = self.data_size, self.data_rank
         self.reduce_dtype = reduce_dtype_of(self.options)
         self.units: dict[str, list[ShardGroup]] = {}
         for unit, named in model_units(model):
@@ -272,8 +272,8 @@ class Zero(Strategy):
             for key, v in optimizer.state.get(g.shard, {}).items():
                 tensors[f"{prefix}{g.name}/{key}"] = v.detach().reshape(-1) if key == "step" else v.detach()
         files = {f"shard_rank{self.mesh.rank}.safetensors": tensors}
-        if self.mesh.coord("dp") == 0:  # one manifest per dp line: its peers, in dp order, hold the slices
-            holders = [f"shard_rank{rk}.safetensors" for rk in self.mesh.ranks("dp")]
+        if self.r == 0:  # one manifest per data line (dp, or dp x cp): its peers, in order, hold the slices
+            holders = [f"shard_rank{rk}.safetensors" for rk in self.mesh.ranks(tuple(self.data_axes))]
             name = SHARDS if self.mesh.rank == 0 else SHARDS.replace(".json", f"_rank{self.mesh.rank}.json")
             files[name] = {
                 "strategy": self.name,
@@ -338,7 +338,7 @@ class Zero3(Zero):
 
     name = "zero3"
     stage = 3
-    supported_axes = ("dp",)
+    supported_axes = ("dp", "cp")
 
     @torch.no_grad()
     def apply_data_parallel(self, model: nn.Module) -> nn.Module:

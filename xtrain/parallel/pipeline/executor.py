@@ -97,10 +97,12 @@ class PipelineRunner:
         return 1 + ((payload == "B") * sched.n_stages + stage) * sched.n_micro + mb
 
     def _positions(self, x_mb: torch.Tensor) -> torch.Tensor | None:
-        """Rotary positions for a stage's forward: None (0..T-1 from the input's
-        length) unless the activations between stages hold a part of the sequence."""
-        if self.strategy.seq_parts == 1:
-            return None
+        """Rotary positions for a stage's forward, from this rank's tokens: None
+        (0..T-1 from the input's length) unless this rank holds only some columns
+        (cp), or the activations between stages hold a part of them (sp)."""
+        positions = self.strategy.positions(x_mb)
+        if positions is not None or self.strategy.seq_parts == 1:
+            return positions
         return torch.arange(x_mb.shape[1], device=x_mb.device)
 
     def _act_shape(self, x_mb: torch.Tensor) -> tuple[int, ...]:
