@@ -293,6 +293,10 @@ def _problems(cfg: DictConfig, world_size: int, data_vocab: int | None) -> list[
         from xtrain.parallel.context import check_context_parallel
 
         problems += check_context_parallel(cfg.strategy, degrees["cp"], t.seq_len, mcfg, degrees["tp"], sp)
+    if degrees is not None and (degrees["ep"] > 1 or (mcfg is not None and mcfg.n_experts)):
+        from xtrain.parallel.expert import check_expert_parallel
+
+        problems += check_expert_parallel(cfg.strategy, degrees["ep"], mcfg, sp)
     if data_vocab is not None and mcfg is not None and data_vocab > mcfg.vocab_size:
         problems.append(f"the data has {data_vocab} token ids but model.vocab_size={mcfg.vocab_size}")
     if not t.lr > 0:

@@ -34,7 +34,12 @@ class MeshError(ValueError):
 
 
 def resolve_degrees(world_size: int, **degrees) -> dict[str, int]:
-    """Fill in dp (when absent or -1) from the world size; check the product.
+    """The grid's degrees: dp filled in (when absent or -1) from the world size.
+
+    Expert parallelism borrows its ranks from data parallelism (torchtitan,
+    Megatron): ``dp`` is the whole data-parallel degree, ep of those ranks hold
+    different experts, so ep never multiplies the world size and must divide
+    dp. The grid's dp dimension is then dp / ep (each expert's replicas).
 
     Raises MeshError with a message that names every degree when they cannot
     tile the world.
@@ -46,20 +51,23 @@ def resolve_degrees(world_size: int, **degrees) -> dict[str, int]:
     for a, v in d.items():
         if v == 0 or v < -1 or (v == -1 and a != "dp"):
             raise MeshError(f"mesh degree {a}={v} is invalid (use a positive integer{'; -1 infers dp' if a == 'dp' else ''})")
-    others = 1
-    for a in AXES:
-        if a != "dp":
-            others *= d[a]
+    others = d["pp"] * d["cp"] * d["tp"]
     if d["dp"] == -1:
         if world_size % others:
             raise MeshError(
-                f"world size {world_size} is not divisible by pp*cp*ep*tp = "
-                f"{d['pp']}*{d['cp']}*{d['ep']}*{d['tp']} = {others}, so dp cannot be inferred"
+                f"world size {world_size} is not divisible by pp*cp*tp = "
+                f"{d['pp']}*{d['cp']}*{d['tp']} = {others}, so dp cannot be inferred"
             )
         d["dp"] = world_size // others
     if others * d["dp"] != world_size:
-        shown = "*".join(f"{a}={d[a]}" for a in AXES)
+        shown = "*".join(f"{a}={d[a]}" for a in AXES if a != "ep")
         raise MeshError(f"mesh degrees {shown} = {others * d['dp']} do not match world size {world_size}")
+    if d["dp"] % d["ep"]:
+        raise MeshError(
+            f"ep={d['ep']} does not divide the data-parallel degree dp={d['dp']} "
+            f"(expert parallelism borrows its ranks from dp)"
+        )
+    d["dp"] //= d["ep"]
     return d
 
 
@@ -79,11 +87,12 @@ class Mesh:
     _roles: dict[str, tuple[object, list[int]]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, world_size: int, rank: int, combos=(("dp", "cp"),), timeout=None, **degrees) -> "Mesh":
+    def build(cls, world_size: int, rank: int, combos=(("dp", "cp"), ("dp", "ep"), ("dp", "cp", "ep")), timeout=None,
+              **degrees) -> "Mesh":
         """Resolve degrees and create a process group for every axis and combination.
 
-        ``combos`` lists the multi-axis groups to create as well (for example
-        ("dp", "cp") for gradient reduction under context parallel).
+        ``combos`` lists the multi-axis groups to create as well (the data axes:
+        dp x cp x ep for dense gradients, dp x cp for experts' under ep).
         ``timeout`` (a timedelta) bounds collectives on the subgroups; by
         default they inherit the world group's, never torch's 30-minute default.
         """
@@ -247,7 +256,10 @@ class Mesh:
             label_group(group, self.group_label(axes))
 
     def describe(self) -> str:
-        return " ".join(f"{a}={self.degrees[a]}" for a in AXES)
+        text = " ".join(f"{a}={self.degrees[a]}" for a in AXES)
+        if self.degrees["ep"] > 1:  # the grid's dp is each expert's replicas; say the data-parallel degree too
+            text += f" (data parallel dp*ep = {self.degrees['dp'] * self.degrees['ep']})"
+        return text
 
 
 def _world_timeout():

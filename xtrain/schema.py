@@ -26,6 +26,7 @@ from omegaconf import MISSING
 from xtrain.parallel.context.attention import VARIANTS as CP_VARIANTS
 from xtrain.parallel.context.kernels import KERNELS as CP_KERNELS
 from xtrain.parallel.context.layout import LAYOUTS as CP_LAYOUTS
+from xtrain.parallel.expert import DISPATCHERS as EP_DISPATCHERS
 from xtrain.parallel.pipeline.schedules import SCHEDULES
 
 from xtrain.model import ModelConfig
@@ -65,6 +66,8 @@ class StrategyConfig:
     cp_attn: str = choice(*CP_VARIANTS)  # ring (default) | allgather (Llama 3) | ulysses (all-to-all over heads)
     cp_layout: str = choice(*CP_LAYOUTS)  # zigzag (rank r: chunks r and 2cp-1-r of 2cp) | contiguous
     cp_kernel: str = choice(*CP_KERNELS)  # auto: the device's fused kernel with log-sum-exp | math
+    # Expert parallelism (ep > 1, borrowed from dp): xtrain/parallel/expert.py.
+    ep_dispatch: str = choice(*EP_DISPATCHERS)  # alltoall (default) | allgather (the baseline)
 
 
 # Every field of the model's own dataclass, plus the preset's name: declared once, in ModelConfig.

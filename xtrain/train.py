@@ -189,10 +189,13 @@ def _train(cfg, data, device, rank, world, run_dir, return_params, on_step=None)
             set_lr(optimizer, lr)
             x, y = local_batch(data.train, step=step, dp_rank=strategy.dp_rank, dp=strategy.dp_size, **batch_args)
             x, y = strategy.take_columns(x, y)  # cp: this rank's columns of each sequence
-            loss = strategy.runner.forward_backward(x.to(device), y.to(device), t.micro_batches, autocast)
+            x, y = x.to(device), y.to(device)
+            strategy.begin_step(x, y, t.micro_batches, autocast)
+            loss = strategy.runner.forward_backward(x, y, t.micro_batches, autocast)
             strategy.reduce_gradients(model)
             grad_norm = strategy.clip_grad_norm_(model, t.grad_clip)
             strategy.optimizer_step(optimizer)
+            hook_figures = strategy.end_step()  # MoE: global load, aux losses, the router bias update
             if step == start_step or (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 state_bytes = strategy.model_state_bytes(model, optimizer)  # grads still live here
             strategy.zero_grad(model, optimizer)
@@ -215,6 +218,7 @@ def _train(cfg, data, device, rank, world, run_dir, return_params, on_step=None)
                 "model_state_bytes": state_bytes,
                 "comm": comm.ledger.take_step(),
                 **dict(zip(runner_figures, runner_max)),  # the runner's own figures, max over ranks (pp_wait_s)
+                **hook_figures,  # already global (the same on every rank)
             }
             if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
                 record["val_loss"] = val_losses[done] = evaluate()

@@ -4,8 +4,10 @@ Pre-norm blocks with RMSNorm (Zhang & Sennrich, 2019), rotary position
 embeddings (Su et al., 2021, arXiv:2104.09864), grouped-query attention
 (Ainslie et al., 2023, arXiv:2305.13245) through torch's
 scaled_dot_product_attention, and a SwiGLU MLP (Shazeer, 2020,
-arXiv:2002.05202). Shapes use suffixes: B batch, T sequence, D model width,
-H heads, K kv heads, E head dim, V vocabulary, F ffn hidden.
+arXiv:2002.05202), or a mixture of experts (xtrain/model/moe.py) in the
+blocks ``ModelConfig.is_moe_layer`` names. Shapes use suffixes: B batch, T
+sequence, D model width, H heads, K kv heads, E head dim, V vocabulary, F ffn
+hidden.
 """
 
 from __future__ import annotations
@@ -31,6 +33,19 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # Mixture of experts (xtrain/model/moe.py). n_experts=0 is the dense model,
+    # bit-identical to a config without these keys.
+    n_experts: int = 0  # routed experts per MoE block; 0: every MLP is dense
+    top_k: int = 2  # routed experts per token
+    n_shared_experts: int = 0  # always-on experts (DeepSeekMoE), one SwiGLU of n_shared_experts * moe_ffn_hidden
+    moe_every: int = 1  # block i is MoE when i % moe_every == moe_every - 1 (1: every block)
+    moe_ffn_hidden: int = 0  # each expert's SwiGLU hidden size; 0: ffn_hidden
+    capacity_factor: float | None = None  # null: dropless; else capacity = ceil(cf * group * top_k / n_experts)
+    capacity_group: int = 0  # tokens per capacity group, consecutive within one sequence; 0: the whole sequence
+    router: str = "softmax"  # softmax | sigmoid_bias (DeepSeek-V3 aux-loss-free balancing)
+    router_bias_rate: float = 1e-3  # sigmoid_bias: the bias update speed (DeepSeek-V3's gamma)
+    aux_loss_coef: float = 0.0  # Switch/GShard load-balancing loss E * sum_i f_i * P_i, per MoE block
+    z_loss_coef: float = 0.0  # router z-loss mean(logsumexp(logits)^2) (ST-MoE), per MoE block
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
@@ -52,7 +67,48 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 errors.append(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        errors += self.check_moe()
         return errors
+
+    def check_moe(self) -> list[str]:
+        """The mixture-of-experts keys' problems (the router's name is checked even when dense)."""
+        from xtrain.model.moe import ROUTERS
+
+        errors = []
+        if self.router not in ROUTERS:
+            errors.append(f"model.router={self.router!r} is not one of {', '.join(ROUTERS)}")
+        if self.n_experts < 0:
+            errors.append(f"model.n_experts must be >= 0 (0: dense), got {self.n_experts}")
+        if self.n_experts <= 0:
+            return errors
+        if self.top_k < 1:
+            errors.append(f"model.top_k must be >= 1, got {self.top_k}")
+        elif self.top_k > self.n_experts:
+            errors.append(f"model.top_k={self.top_k} is more than model.n_experts={self.n_experts}")
+        for name in ("n_shared_experts", "moe_ffn_hidden", "capacity_group"):
+            if getattr(self, name) < 0:
+                errors.append(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.moe_every < 1:
+            errors.append(f"model.moe_every must be >= 1, got {self.moe_every}")
+        elif self.moe_every > self.n_layers:
+            errors.append(f"model.moe_every={self.moe_every} is more than model.n_layers={self.n_layers}: no block would be MoE")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            errors.append(f"model.capacity_factor must be > 0 or null (dropless), got {self.capacity_factor}")
+        if self.capacity_factor is not None and self.capacity_group > 0 and self.max_seq_len % self.capacity_group:
+            errors.append(f"model.capacity_group={self.capacity_group} does not divide model.max_seq_len={self.max_seq_len}")
+        for name in ("router_bias_rate", "aux_loss_coef", "z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                errors.append(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        return errors
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block ``i`` has a mixture of experts as its MLP: the last of every
+        ``moe_every`` blocks (blocks 1, 3, 5 for moe_every=2; all for 1)."""
+        return self.n_experts > 0 and i % self.moe_every == self.moe_every - 1
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.moe_ffn_hidden or self.ffn_hidden
 
     @property
     def head_dim(self) -> int:
@@ -130,25 +186,33 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x))  (Shazeer, 2020)."""
+    """down(silu(gate(x)) * up(x))  (Shazeer, 2020); ``hidden`` defaults to cfg.ffn_hidden."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        self.gate = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.up = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
-        self.down = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        hidden = cfg.ffn_hidden if hidden is None else hidden
+        self.gate = nn.Linear(cfg.dim, hidden, bias=False)
+        self.up = nn.Linear(cfg.dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.dim, bias=False)
 
     def forward(self, x):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """``moe``: the MLP is a mixture of experts (xtrain.model.moe.MoE), else a SwiGLU."""
+
+    def __init__(self, cfg: ModelConfig, moe: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        if moe:
+            from xtrain.model.moe import MoE
+
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = SwiGLU(cfg)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -184,7 +248,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.input_is_tokens = True
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = Blocks({i: Block(cfg) for i in range(cfg.n_layers)})
+        self.blocks = Blocks({i: Block(cfg, moe=cfg.is_moe_layer(i)) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -195,21 +259,31 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator):
-        """N(0, std) everywhere; residual output projections scaled by 1/sqrt(2L) (GPT-2)."""
+        """N(0, std) everywhere; residual output projections scaled by 1/sqrt(2L) (GPT-2).
+        In parameter order, so the draws depend on the seed and the shape alone; the
+        experts' stacked ``down`` (E, D, F) and the shared experts' ``down`` are output
+        projections too. Buffers (a router's bias) keep their construction value."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            elif name.endswith(("attn.wo.weight", "mlp.down.weight")):
+            elif name.endswith(("attn.wo.weight", "mlp.down.weight", "mlp.experts.down", "mlp.shared.down.weight")):
                 p.normal_(0.0, out_std, generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)
 
-    def forward(self, x, positions: torch.Tensor | None = None):
+    def forward(self, x, positions: torch.Tensor | None = None, return_aux: bool = False):
         """Logits (B, T, V) from token ids (B, T); on a part, hidden states (B, T, D)
         in or out where an end is absent. ``positions`` (T,) are the rotary
-        positions of the T columns (default 0..T-1)."""
+        positions of the T columns (default 0..T-1).
+
+        ``return_aux``: return ``(logits, aux)`` with aux = {"aux_loss", "z_loss":
+        scalar tensors, already scaled by model.aux_loss_coef / z_loss_coef and
+        summed over the MoE blocks (zero without any), "stats": [RouterStats per
+        MoE block in layer order]}, formed from this forward's statistics alone
+        (xtrain.model.moe.router_losses; the global statistics of a parallel step
+        go through the same function)."""
         T = x.shape[1]
         if positions is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
@@ -221,7 +295,20 @@ class Transformer(nn.Module):
             x = block(x, cos, sin)
         if self.norm is not None:
             x = self.norm(x)
-        return self.head(x) if self.head is not None else x
+        out = self.head(x) if self.head is not None else x
+        if not return_aux:
+            return out
+        from xtrain.model.moe import router_losses
+
+        stats = [m.last_stats for m in self.moe_layers()]
+        aux_loss, z_loss = router_losses(self.cfg, stats, device=out.device)
+        return out, {"aux_loss": aux_loss, "z_loss": z_loss, "stats": stats}
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE modules (each block's ``mlp`` where it is one), in layer order."""
+        from xtrain.model.moe import MoE
+
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
 
     def part(self, layers, *, first: bool, last: bool) -> "Transformer":
         """A model made of some of this one's modules (shared, not copied): the

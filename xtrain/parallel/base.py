@@ -62,7 +62,9 @@ class Strategy:
         self.loss_counts = True  # whether this rank's loss enters the global mean
         self.eval_loss_counts = True  # the same for the validation loss (a pipeline's eval path may differ)
         self.seq_parts = 1  # parts this rank's sequence activations are split into between blocks (sp)
-        self.data_axes: list[str] = ["dp"]  # axes the batch is split over: gradients are averaged there (cp joins)
+        self.batch_axes: list[str] = ["dp"]  # axes the batch's sequences are split over (ep joins)
+        self.data_axes: list[str] = ["dp"]  # axes each rank's loss is one share of: gradients average there (cp, ep join)
+        self.step_hooks: list = []  # objects with begin(x, y, micro_batches) and end() -> figures (MoE balancing)
         self.seq_layout = None  # which columns of each sequence this rank holds (cp); None: all
         self.runner_cls = MicroBatchRunner
         self.runner = None
@@ -85,11 +87,12 @@ class Strategy:
     # -- data placement ----------------------------------------------------
     @property
     def dp_rank(self) -> int:
-        return self.mesh.coord("dp")
+        """This rank's slice of the batch's sequences (over ``batch_axes``)."""
+        return self.mesh.ranks(tuple(self.batch_axes)).index(self.mesh.rank)
 
     @property
     def dp_size(self) -> int:
-        return self.mesh.degrees["dp"]
+        return self.mesh.size(self.batch_axes)
 
     @property
     def data_group(self):
@@ -103,6 +106,28 @@ class Strategy:
     @property
     def data_rank(self) -> int:
         return self.mesh.ranks(tuple(self.data_axes)).index(self.mesh.rank)
+
+    def replica_axes(self, p: torch.Tensor) -> tuple[str, ...]:
+        """The data axes ``p`` is replicated over: its gradient is summed there
+        (an expert sharded over ep is summed over dp x cp only)."""
+        return tuple(a for a in self.data_axes if not isinstance(pl.placement(p, a), (pl.Shard, pl.Owned)))
+
+    def grad_scale(self, axes: tuple[str, ...]) -> float:
+        """What an average over ``axes`` must be multiplied by to be the gradient:
+        |axes| / |data axes| (1 unless ``p`` is sharded over some data axis:
+        its holders see all the shares of those axes' ranks already)."""
+        return self.mesh.size(axes) / self.data_size
+
+    def begin_step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int, autocast) -> None:
+        for hook in self.step_hooks:
+            hook.begin(x, y, micro_batches, autocast)
+
+    def end_step(self) -> dict:
+        """After the optimizer step: every hook's figures for metrics.jsonl (collective)."""
+        figures = {}
+        for hook in self.step_hooks:
+            figures.update(hook.end())
+        return figures
 
     def take_columns(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's columns of a batch of whole sequences (all of them unless cp)."""

@@ -45,7 +45,7 @@ def check_reduce_dtype(options) -> list[str]:
 
 class DataParallel(Strategy):
     name = "dp"
-    supported_axes = ("pp", "dp", "cp", "tp")
+    supported_axes = ("pp", "dp", "cp", "ep", "tp")
 
     @classmethod
     def check(cls, options, degrees, world_size):
@@ -53,16 +53,21 @@ class DataParallel(Strategy):
 
     @torch.no_grad()
     def reduce_gradients(self, model: nn.Module) -> None:
-        group, dtype = self.data_group, reduce_dtype_of(self.options)
+        dtype = reduce_dtype_of(self.options)
         for p in model.parameters():
-            if p.grad is None or group is SOLO:  # dp=1: nothing to average
+            axes = self.replica_axes(p)
+            group, scale = self.mesh.group(axes), self.grad_scale(axes)
+            if p.grad is None:
                 continue
-            if p.grad.dtype == dtype:
-                self.comm.all_reduce(p.grad, op=ReduceOp.AVG, group=group)
-            else:
-                g = p.grad.to(dtype)
-                self.comm.all_reduce(g, op=ReduceOp.AVG, group=group)
-                p.grad.copy_(g)
+            if group is not SOLO:  # one replica: nothing to average
+                if p.grad.dtype == dtype:
+                    self.comm.all_reduce(p.grad, op=ReduceOp.AVG, group=group)
+                else:
+                    g = p.grad.to(dtype)
+                    self.comm.all_reduce(g, op=ReduceOp.AVG, group=group)
+                    p.grad.copy_(g)
+            if scale != 1:  # an expert: its holders already saw every ep peer's share
+                p.grad.mul_(scale)
         self.reduce_partial_grads(model)
 
 
@@ -73,6 +78,7 @@ class Bucket:
         self.layout, self.buffer = layout, buffer
         self.armed = False  # sends only during its chunks' last backward of the step
         self.chunks: set[int] = set()  # the model chunks its parameters belong to
+        self.axes: tuple[str, ...] = ("dp",)  # the data axes its parameters are replicated over
         self.pending = len(layout.params)
         self.work = None
         self.comm_buffer = None
@@ -101,6 +107,9 @@ class DistributedDataParallel(DataParallel):
             seen |= {id(p) for _, p in named}
             runs, run, size = [], [], 0
             for n, p in named:  # a bucket closes once it reaches its limit (as torch DDP's)
+                if run and self.replica_axes(p) != self.replica_axes(run[0][1]):
+                    runs.append(run)  # a bucket reduces over one group (experts apart from dense weights)
+                    run, size = [], 0
                 run.append((n, p))
                 size += p.numel() * p.element_size()
                 if size >= (first_limit if not self.buckets and not runs else limit):
@@ -112,6 +121,7 @@ class DistributedDataParallel(DataParallel):
                 layout = FlatGroup([n for n, _ in run], [p for _, p in run], shards=1)
                 bucket = Bucket(layout, torch.zeros(layout.numel, dtype=run[0][1].dtype, device=run[0][1].device))
                 bucket.chunks = set().union(*(chunks_of[id(p)] for _, p in run))
+                bucket.axes = self.replica_axes(run[0][1])
                 self.buckets.append(bucket)
                 for i, (_, p) in enumerate(run):
                     p.grad = bucket.view(i)
@@ -135,7 +145,7 @@ class DistributedDataParallel(DataParallel):
     def _launch(self, bucket: Bucket) -> None:
         buf = bucket.buffer if bucket.buffer.dtype == self.reduce_dtype else bucket.buffer.to(self.reduce_dtype)
         bucket.comm_buffer = buf
-        bucket.work = self.comm.all_reduce(buf, op=ReduceOp.AVG, group=self.data_group, async_op=True)
+        bucket.work = self.comm.all_reduce(buf, op=ReduceOp.AVG, group=self.mesh.group(bucket.axes), async_op=True)
 
     def grads_final(self, chunk: nn.Module):
         @contextlib.contextmanager
@@ -161,6 +171,8 @@ class DistributedDataParallel(DataParallel):
             bucket.work.wait()
             if bucket.comm_buffer is not bucket.buffer:
                 bucket.buffer.copy_(bucket.comm_buffer)
+            if (scale := self.grad_scale(bucket.axes)) != 1:
+                bucket.buffer.mul_(scale)
             bucket.work = bucket.comm_buffer = None
             bucket.pending = len(bucket.layout.params)
         self.final_chunks.clear()
@@ -194,3 +206,12 @@ class ContextParallel(DataParallel):
     zero2 and zero3 compose with cp the same way."""
 
     name = "cp"
+
+
+class ExpertParallel(DataParallel):
+    """``strategy=ep``: expert parallelism (``strategy.ep``, default 2, borrowed
+    from dp; ``strategy.ep_dispatch``) for a mixture-of-experts model, with plain
+    data parallelism; dense gradients average over dp x ep, experts' over
+    their replicas. ddp composes with ep the same way."""
+
+    name = "ep"

@@ -45,6 +45,7 @@ from torch.distributed import ReduceOp
 
 from xtrain.comm.groups import group_rank, group_size
 from xtrain.parallel.placement import Partial, Shard, carry_marks, gather_along, mark, placement, shard_tensor
+from xtrain.model.transformer import SwiGLU
 
 # -- collectives along one dimension (through the comm object only) ---------------
 
@@ -597,10 +598,13 @@ def apply_tensor_parallel(model: nn.Module, mesh, comm, sequence_parallel: bool 
             attn.wv = ReplicatedHeadsLinear(attn.wv, E, head)
         attn.wo = RowParallelLinear(attn.wo, comm, group, sequence_parallel=sp)
         attn.n_heads, attn.n_kv_heads = H // tp, max(K // tp, 1)
-        mlp.gate = ColumnParallelLinear(mlp.gate, comm, group, **col)
-        mlp.up = ColumnParallelLinear(mlp.up, comm, group, **col)
-        mlp.down = RowParallelLinear(mlp.down, comm, group, sequence_parallel=sp)
-        for module in (attn, mlp):
+        regions = [attn]
+        if isinstance(mlp, SwiGLU):  # a mixture of experts stays whole on every tp rank (replicated)
+            mlp.gate = ColumnParallelLinear(mlp.gate, comm, group, **col)
+            mlp.up = ColumnParallelLinear(mlp.up, comm, group, **col)
+            mlp.down = RowParallelLinear(mlp.down, comm, group, sequence_parallel=sp)
+            regions.append(mlp)
+        for module in regions:
             module.register_forward_pre_hook(_EnterRegion(comm, group, sp))
         if sp:
             _mark_partial(block.attn_norm.weight)
