@@ -92,7 +92,7 @@ def _problems(overrides, world):
         (["strategy=cp", "strategy.cp_attn=tree"], 2, "strategy.cp_attn='tree' is not one of ['ring', 'allgather', 'ulysses']"),
         (["strategy=cp", "strategy.cp_layout=striped"], 2, "strategy.cp_layout='striped' is not one of ['zigzag', 'contiguous']"),
         (["strategy=cp", "strategy.tp=2", "strategy.sp=true", "strategy.cp_layout=contiguous", "train.seq_len=34"], 4, "sequence parallel splits each rank's 17 columns"),
-        (["strategy=cp", "strategy.cp=3"], 2, "world size 2 is not divisible by pp*cp*ep*tp = 1*3*1*1"),
+        (["strategy=cp", "strategy.cp=3"], 2, "world size 2 is not divisible by pp*cp*tp = 1*3*1"),
     ],
 )
 def test_bad_context_parallel_configs_are_named(overrides, world, message):

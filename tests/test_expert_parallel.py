@@ -10,13 +10,18 @@
 - Training parity, 10 steps, model=tiny_moe with the aux and z losses turned
   up (1.0 and 0.1, so a wrong scale shows: the aux loss alone moves the
   parameters by 1e-2): ep2 and ep4 with both routers and both dispatchers,
-  capacity mode, 2 micro-batches, ep2 x dp2 (ddp), ep2 x tp2, ep2 x pp2,
-  ep2 x cp2; a checkpoint resumes at another ep degree.
+  capacity mode, 2 micro-batches, ep2 x dp2 (ddp, zero1), ep2 x tp2 (and
+  zero2), ep2 x pp2, ep2 x cp2; checkpoints resume exactly (the router's
+  bias included), at another ep degree, and consolidate.
 """
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 import torch
 from parity import TINY_10_STEPS, assert_parity, run_config, run_many, single_reference
 
@@ -140,6 +145,7 @@ FOUR = [
     "strategy=ep strategy.tp=2",
     "strategy=ep strategy.pp=2 train.micro_batches=2",
     "strategy=ep strategy.cp=2",
+    "strategy=zero2 strategy.ep=2 strategy.tp=2",
 ]
 
 
@@ -158,9 +164,13 @@ def test_expert_parallel_matches_single(world, tmp_path):
     todo = [(layout, ("xtrain", "torch")[i % 2]) for i, layout in enumerate(layouts)]
     configs = [[*BASE, *layout.split(), f"comm={comm}", f"train.out_dir={tmp_path / str(i)}"] for i, (layout, comm) in enumerate(todo)]
     ckpt = tmp_path / "ckpt"
-    if world == 4:  # ep2 x dp2, checkpointed at step 5, resumed at ep=4
-        configs.append([*BASE, "strategy=ddp", "strategy.ep=2", "train.ckpt_every=5", f"train.out_dir={ckpt}"])
-        step5 = f"train.resume={ckpt / 'checkpoints' / 'step_000005'}"
+    step5 = f"train.resume={ckpt / 'checkpoints' / 'step_000005'}"
+    if world == 2:  # sigmoid_bias: its selection bias (a buffer) is saved, so the resume is exact
+        sig = "model.router=sigmoid_bias"
+        configs.append([*BASE, "strategy=ep", sig, "train.ckpt_every=5", f"train.out_dir={ckpt}"])
+        configs.append([*BASE, "strategy=ddp", "strategy.ep=2", sig, step5, f"train.out_dir={tmp_path / 'again'}"])
+    else:  # zero1 ep2 x dp2 (written whole), resumed at ep=4, and consolidated
+        configs.append([*BASE, "strategy=zero1", "strategy.ep=2", "train.ckpt_every=5", f"train.out_dir={ckpt}"])
         configs.append([*BASE, "strategy=ep", "strategy.ep=4", step5, f"train.out_dir={tmp_path / 'ep4'}"])
     results = run_many(configs, world, timeout=900)
     aux = {}
@@ -180,11 +190,21 @@ def test_expert_parallel_matches_single(world, tmp_path):
     ref_aux = [json.loads(line)["moe_aux_loss"] for line in (ref_dir / "metrics.jsonl").read_text().splitlines()]
     for layout, values in aux.items():
         assert values == pytest.approx(ref_aux, rel=1e-5), layout
-    if world == 4:
-        ref = _reference("", tmp_path)
-        saved, moved = results[len(todo):]
-        assert_parity(ref, saved, label="ddp ep2 checkpointed")
-        assert_parity((ref[0][5:], ref[1]), moved, label="resumed at ep=4")
+    saved, moved = results[len(todo):]
+    ref = _reference("model.router=sigmoid_bias" if world == 2 else "", tmp_path)
+    assert_parity(ref, saved, label="checkpointed run")
+    assert_parity((ref[0][5:], ref[1]), moved, label="resumed at another layout")
+    if world == 2:
+        assert (ckpt / "checkpoints" / "step_000005" / "buffers.safetensors").is_file()
+    else:
+        script = Path(__file__).resolve().parents[1] / "scripts" / "consolidate_ckpt.py"
+        out = tmp_path / "full.safetensors"
+        proc = subprocess.run([sys.executable, str(script), str(ckpt / "checkpoints" / "step_000010"), "--out", str(out)],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        full = load_file(str(out))
+        for name, t in ref[1].items():
+            assert full[name].shape == t.shape and (full[name] - t).abs().max() <= 1e-5, name
 
 
 def _problems(overrides, world):
@@ -200,7 +220,7 @@ def _problems(overrides, world):
         (["model=tiny_moe", "strategy=ep", "strategy.ep_dispatch=ring"], 2, "strategy.ep_dispatch='ring' is not one of ['alltoall', 'allgather']"),
         (["model=tiny_moe", "model.top_k=5"], 1, "top_k"),
         (["model=tiny_moe", "model.router=bogus"], 1, "model.router='bogus'"),
-        (["model=tiny_moe", "strategy=zero1", "strategy.ep=2"], 2, "strategy=zero1 does not support ep=2"),
+        (["model=tiny_moe", "strategy=zero3", "strategy.ep=2"], 2, "strategy=zero3 does not support ep=2"),
         (["model=tiny_moe", "strategy=tp", "strategy.sp=true"], 2, "strategy.sp=true with a mixture-of-experts model"),
     ],
 )

@@ -196,7 +196,7 @@ def save(run_dir: Path, step: int, strategy, model, optimizer, meta: dict, barri
     d = step_dir(run_dir, step)
     d.mkdir(parents=True, exist_ok=True)
     rank = strategy.mesh.rank
-    for name, obj in strategy.checkpoint_files(model, optimizer).items():
+    for name, obj in {**strategy.checkpoint_files(model, optimizer), **strategy.buffer_files(model)}.items():
         write_file(d / name, obj)
     write_file(d / f"rng_rank{rank}.pt", rng_state())
     barrier()
@@ -219,6 +219,10 @@ def load(path: Path, strategy, model, optimizer) -> dict:
     meta = read_file(path / META)
     params, optim = read_full_state(path)
     strategy.load_full_state(model, optimizer, params, optim)
+    buffers = {}
+    for f in sorted(path.glob("buffers*.safetensors")):  # state outside the optimizer (a router's bias)
+        buffers.update(read_file(f))
+    strategy.load_buffers(model, buffers)
     rng = path / f"rng_rank{strategy.mesh.rank}.pt"
     if rng.is_file():
         set_rng_state(read_file(rng))

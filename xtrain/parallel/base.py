@@ -248,6 +248,20 @@ class Strategy:
             f"optim{suffix}.safetensors": optim_to_flat_dict({n: optim[n] for n in primary if n in optim}),
         }
 
+    def buffer_files(self, model: nn.Module) -> dict[str, object]:
+        """The persistent buffers this rank writes (a router's selection bias):
+        replicated state outside the optimizer, written by its primary holder."""
+        mine = {n: b.detach().cpu().clone() for n, b in persistent_buffers(model) if pl.is_primary(b, self.mesh)}
+        if not mine:
+            return {}
+        return {f"buffers{'' if self.mesh.rank == 0 else f'_rank{self.mesh.rank}'}.safetensors": mine}
+
+    @torch.no_grad()
+    def load_buffers(self, model: nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+        for n, b in persistent_buffers(model):
+            if n in buffers:
+                b.copy_(buffers[n])
+
     def _whole(self, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """``t`` (a parameter or a state shaped like it) whole: gathered over its shard axes."""
         return pl.whole(t, p, self.comm, self.mesh)
@@ -327,6 +341,14 @@ def storage_bytes(tensors) -> int:
             seen.add(st.data_ptr())
             total += st.nbytes()
     return total
+
+
+def persistent_buffers(model: nn.Module):
+    """(name, buffer) of every buffer a state_dict would hold (not the rope tables)."""
+    for mod_name, mod in model.named_modules():
+        for n, b in mod._buffers.items():
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{n}" if mod_name else n), b
 
 
 def check_names(expected_names, params: dict) -> None:

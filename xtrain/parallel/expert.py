@@ -142,6 +142,9 @@ class MoEBalance:
 def moe_transform(strategy, model: nn.Module) -> nn.Module:
     """Install global-batch balancing when the model has MoE layers (any strategy)."""
     layers = moe_modules(model)
+    for m in layers.values():
+        if m.router.expert_bias is not None:  # saved by whoever holds the router (its stage)
+            pl.carry_marks(m.router.expert_bias, m.router.weight)
     if layers:
         strategy.step_hooks.append(MoEBalance(strategy, layers))
     return model

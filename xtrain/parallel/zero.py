@@ -67,6 +67,8 @@ class ShardGroup:
         self.grad_shard: torch.Tensor | None = None  # this rank's slice of the reduced gradient
         self.pending = len(self.layout.params)
         self.sent = False  # zero3: this group's gradients went out in this backward
+        self.group = None  # the ranks that hold its slices (its replicas over the data axes)
+        self.scale = 1.0  # applied to the averaged gradient (1/ep for an expert; Strategy.grad_scale)
 
     @property
     def params(self):
@@ -76,7 +78,7 @@ class ShardGroup:
 class Zero(Strategy):
     name = "zero"
     stage = 0
-    supported_axes = ("pp", "dp", "cp", "tp")
+    supported_axes = ("pp", "dp", "cp", "ep", "tp")
 
     @classmethod
     def check(cls, options, degrees, world_size):
@@ -100,7 +102,12 @@ class Zero(Strategy):
                 for kind in kinds:
                     members = [(n, p) for n, p in part if _kind(p) == kind]
                     name = f"{unit}.{'decay' if decay else 'no_decay'}" + "".join(f".{a}_{k}" for a, k in kind)
-                    self.units[unit].append(ShardGroup(name, members, self.n, self.r, decay, kind))
+                    # an expert (sharded over ep) is sliced over its replicas only: dp (x cp)
+                    axes = self.replica_axes(members[0][1])
+                    ranks = self.mesh.ranks(axes)
+                    g = ShardGroup(name, members, len(ranks), ranks.index(self.mesh.rank), decay, kind)
+                    g.group, g.scale = self.mesh.group(axes), self.grad_scale(axes)
+                    self.units[unit].append(g)
         self.groups = [g for gs in self.units.values() for g in gs]
         self.unit_of_group = {g.name: unit for unit, gs in self.units.items() for g in gs}
         for g in self.groups:
@@ -155,7 +162,7 @@ class Zero(Strategy):
 
     def _start_reduce(self, g: ShardGroup, flat: torch.Tensor) -> None:
         g.rs_out = torch.empty(g.layout.shard_numel, dtype=flat.dtype, device=flat.device)
-        g.rs_work = self.comm.reduce_scatter_tensor(g.rs_out, flat, op=ReduceOp.AVG, group=self.group, async_op=True)
+        g.rs_work = self.comm.reduce_scatter_tensor(g.rs_out, flat, op=ReduceOp.AVG, group=g.group, async_op=True)
 
     def _finish_reduce(self, g: ShardGroup) -> None:
         """Wait for the group's reduce-scatter and add it into the gradient slice."""
@@ -163,6 +170,8 @@ class Zero(Strategy):
             return
         g.rs_work.wait()
         out = g.rs_out.to(g.dtype)
+        if g.scale != 1:
+            out.mul_(g.scale)
         if self.stage == 1:
             g.grad_buffer[g.lo : g.hi].copy_(out)  # the slice lives in the full buffer: no extra 4Ψ/n
             g.grad_shard = g.grad_buffer[g.lo : g.hi]
@@ -188,8 +197,13 @@ class Zero(Strategy):
         # dp slices line up across the group's ranks, so the slices are summed as they are
         pl.reduce_partial_grads([(g.params[0], g.shard.grad) for g in self.groups], self.comm, self.mesh)
 
+    def _norm_axes(self) -> list[str]:
+        # Every rank holds distinct slices over the data axes (ep included), so those
+        # sum in the data group; the model axes beyond them (tp, pp) sum as usual.
+        return [a for a in self.model_axes if a not in self.data_axes]
+
     def grad_norm_groups(self) -> list:
-        return [self.group, *super().grad_norm_groups()]
+        return [self.group, *(self.mesh.group(a) for a in self._norm_axes())]
 
     def local_grads(self, model: nn.Module) -> list[torch.Tensor]:
         return [g.shard.grad for g in self.groups if g.shard.grad is not None]
@@ -198,7 +212,7 @@ class Zero(Strategy):
         return [
             g.shard.grad
             for g in self.groups
-            if g.shard.grad is not None and pl.counts_in_norm(g.params[0], self.model_axes, self.mesh)
+            if g.shard.grad is not None and pl.counts_in_norm(g.params[0], self._norm_axes(), self.mesh)
         ]
 
     def zero_grad(self, model: nn.Module, optimizer) -> None:
@@ -215,7 +229,7 @@ class Zero(Strategy):
         if self.stage == 3:
             return  # the slices are the parameters
         works = [
-            self.comm.all_gather_into_tensor(g.full, g.full[g.lo : g.hi].clone(), group=self.group, async_op=True)
+            self.comm.all_gather_into_tensor(g.full, g.full[g.lo : g.hi].clone(), group=g.group, async_op=True)
             for g in self.groups
         ]
         for w in works:
@@ -226,13 +240,13 @@ class Zero(Strategy):
         if g.full is not None:
             return g.full
         full = torch.empty(g.layout.padded_numel, dtype=g.dtype, device=g.device)
-        self.comm.all_gather_into_tensor(full, g.shard.detach(), group=self.group)
+        self.comm.all_gather_into_tensor(full, g.shard.detach(), group=g.group)
         return full
 
     @torch.no_grad()
     def _gather_slices(self, g: ShardGroup, t: torch.Tensor) -> torch.Tensor:
         full = torch.empty(g.layout.padded_numel, dtype=t.dtype, device=t.device)
-        self.comm.all_gather_into_tensor(full, t.detach().contiguous(), group=self.group)
+        self.comm.all_gather_into_tensor(full, t.detach().contiguous(), group=g.group)
         return full
 
     def full_state(self, model, optimizer):
@@ -262,7 +276,11 @@ class Zero(Strategy):
         Under tp, groups are per tp rank (``tp1/blocks.0.decay.tp_shard``) and the
         layout records how each name's tp shards join back (``tp_shards``);
         under pp, per stage (``pp1/head.decay``). The dp-rank-0 member of each
-        dp line writes the manifest of its groups (rank 0's is ``shards.json``)."""
+        dp line writes the manifest of its groups (rank 0's is ``shards.json``).
+        Under ep the experts' slices lie on other lines than the dense weights':
+        the checkpoint is written whole instead (the canonical form)."""
+        if self.mesh.degrees["ep"] > 1:
+            return Strategy.checkpoint_files(self, model, optimizer)
         tp, t = self.mesh.degrees["tp"], self.mesh.coord("tp")
         # groups differ per tp rank and per pipeline stage: their names say whose they are
         prefix = (f"pp{self.mesh.coord('pp')}/" if self.mesh.degrees["pp"] > 1 else "") + (f"tp{t}/" if tp > 1 else "")
@@ -376,7 +394,7 @@ class Zero3(Zero):
         pending = []
         for g in self.units[unit]:
             full = torch.empty(g.layout.padded_numel, dtype=g.dtype, device=g.device)
-            work = self.comm.all_gather_into_tensor(full, g.shard.detach(), group=self.group, async_op=True)
+            work = self.comm.all_gather_into_tensor(full, g.shard.detach(), group=g.group, async_op=True)
             pending.append((g, full, work))
             self.gathered_bytes += full.untyped_storage().nbytes()
         self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
