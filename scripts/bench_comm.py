@@ -37,6 +37,17 @@ Environment switches force one algorithm, for A/B runs: ``XTRAIN_ALL_REDUCE``
 ``cpu us`` is the CPU time per call of a rank's process (all its threads,
 gloo's event loop included; mean over ranks): on oversubscribed cores the
 ranks share the CPU, so what one spends the others wait for.
+
+``--ddp-hook`` times instead training steps of torch's own
+``DistributedDataParallel`` (an MLP, several gradient buckets) whose bucket
+all-reduce runs through a comm hook: torch's default (gloo's all-reduce),
+xtrain's ring returned as a future (``all_reduce(async_op=True).get_future()``,
+communication overlapping the rest of backward), and xtrain's ring blocking
+inside the hook; beside them the step with no communication at all and the
+all-reduce of every gradient alone. The variants run interleaved step by step;
+the table shows medians over steps of the slowest rank.
+
+    python scripts/bench_comm.py --ddp-hook --nproc 2 [--steps 30]
 """
 
 from __future__ import annotations
@@ -162,6 +173,91 @@ def _bench_worker(rank: int, world: int, ops, sizes, budget, min_iters, max_iter
                         cpu[name].append((time.process_time() - c0) / calls)
             out[(op, count * esize)] = (times, cpu, wrong)
     return out
+
+
+def _ddp_worker(rank: int, world: int, steps: int, width: int, layers: int, batch: int, bucket_mb: float):
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import xtrain.comm.dist as xdist
+
+    xdist.get_ledger().enabled = False
+
+    def model():
+        torch.manual_seed(0)
+        mods = []
+        for _ in range(layers):
+            mods += [nn.Linear(width, width), nn.ReLU()]
+        return nn.Sequential(*mods)
+
+    hook_calls = [0]
+
+    def future_hook(_, bucket):
+        hook_calls[0] += 1
+        return xdist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0].div_(world))
+
+    def blocking_hook(_, bucket):
+        buf = bucket.buffer()
+        xdist.all_reduce(buf)
+        fut = torch.futures.Future()
+        fut.set_result(buf.div_(world))
+        return fut
+
+    variants = {}
+    for name, hook in (("torch DDP (gloo all-reduce)", None), ("xtrain hook, future (overlapped)", future_hook),
+                       ("xtrain hook, blocking in the hook", blocking_hook)):
+        m = DDP(model(), bucket_cap_mb=bucket_mb)
+        if hook is not None:
+            m.register_comm_hook(None, hook)
+        variants[name] = m
+    variants["no communication (local backward)"] = model()
+    grads = [p.detach().clone() for p in model().parameters()]
+    variants["all-reduce of every gradient alone (xtrain)"] = None
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in variants.items() if m is not None}
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(batch, width, generator=g)
+    times = {k: [] for k in variants}
+    for it in range(steps + 2):  # two warm-up steps (DDP rebuilds its buckets after the first)
+        keys = list(variants) if it % 2 else list(reversed(variants))
+        for k in keys:
+            dist.barrier()
+            t0 = time.perf_counter()
+            m = variants[k]
+            if m is None:
+                for t in grads:
+                    xdist.all_reduce(t)
+            else:
+                opts[k].zero_grad()
+                m(x).square().mean().backward()
+                opts[k].step()
+            if it >= 2:
+                times[k].append(time.perf_counter() - t0)
+    buckets = round(hook_calls[0] / (steps + 2))  # the hook runs once per bucket and step
+    return times, buckets, sum(p.numel() for p in grads) * 4
+
+
+def run_ddp(nproc: int, steps: int, width: int, layers: int, batch: int, bucket_mb: float) -> str:
+    per_rank = run_on_ranks(_ddp_worker, nproc, steps, width, layers, batch, bucket_mb, timeout=1800, pg_timeout=300)
+    names = list(per_rank[0][0])
+    buckets, nbytes = per_rank[0][1], per_rank[0][2]
+    title = (
+        f"# DDP step (forward, backward with the bucket all-reduces, SGD step): {nproc} ranks, "
+        f"MLP {layers} x Linear({width}, {width}), batch {batch}, {nbytes / 2**20:.1f} MiB of gradients, "
+        f"{buckets} buckets of <= {bucket_mb} MB; median over {steps} steps of the slowest rank"
+    )
+    lines = [
+        title,
+        "",
+        "| variant | step time (ms) | q25-q75 (ms) |",
+        "|---|---:|---:|",
+    ]
+    for k in names:
+        rounds = [max(t) for t in zip(*(r[0][k] for r in per_rank))]
+        q1, med, q3 = statistics.quantiles(rounds, n=4)
+        lines.append(f"| {k} | {med * 1e3:.1f} | {q1 * 1e3:.1f}-{q3 * 1e3:.1f} |")
+    return "\n".join(lines)
 
 
 def _wrong(call, comms, big, outputs, op: str, n: int) -> int:
@@ -352,7 +448,19 @@ def main(argv=None):
     p.add_argument("--plot", nargs="?", const=str(ROOT / "docs/img/collectives_busbw.png"), default=None,
                    help="write a PNG of busbw against size (default docs/img/collectives_busbw.png)")
     p.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
+    p.add_argument("--ddp-hook", action="store_true",
+                   help="time DDP training steps with xtrain's all-reduce as a comm hook (future vs blocking) instead")
+    p.add_argument("--steps", type=int, default=30, help="--ddp-hook: timed steps per variant")
+    p.add_argument("--width", type=int, default=512, help="--ddp-hook: the MLP's width")
+    p.add_argument("--layers", type=int, default=8, help="--ddp-hook: the MLP's Linear layers")
+    p.add_argument("--ddp-batch", type=int, default=256, help="--ddp-hook: rows per rank and step")
+    p.add_argument("--bucket-mb", type=float, default=1.0, help="--ddp-hook: DDP's bucket_cap_mb")
     args = p.parse_args(argv)
+    if args.ddp_hook:
+        t0 = time.perf_counter()
+        print(run_ddp(args.nproc, args.steps, args.width, args.layers, args.ddp_batch, args.bucket_mb))
+        print(f"# wall time {time.perf_counter() - t0:.0f} s")
+        return 0
     if os.environ.get("XTRAIN_ALL_REDUCE", "auto") not in ("auto", "ring", "two_shot"):
         p.error(f"XTRAIN_ALL_REDUCE={os.environ['XTRAIN_ALL_REDUCE']!r}: use auto, ring or two_shot")
 

@@ -48,8 +48,18 @@ from xtrain.formulas import tp_comm_per_step  # noqa: E402
 
 
 def ledger_tp(comm: dict) -> dict:
-    """The tp group's entries of one step's ``comm`` record, by op."""
-    return {k.split("@")[0]: {"calls": v["calls"], "bytes_sent": v["bytes_sent"]} for k, v in comm.items() if k.endswith("@tp")}
+    """The tp group's entries of one step's ``comm`` record, by op family (the formulas' names:
+    the ledger keys ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` count as
+    ``all_gather`` and ``reduce_scatter``)."""
+    from xtrain.comm.ledger import op_family
+
+    out: dict = {}
+    for k, v in comm.items():
+        if k.endswith("@tp"):
+            e = out.setdefault(op_family(k.split("@")[0]), {"calls": 0, "bytes_sent": 0})
+            e["calls"] += v["calls"]
+            e["bytes_sent"] += v["bytes_sent"]
+    return out
 
 
 # -- measurement helpers (run inside a rank) -----------------------------------------------

@@ -55,7 +55,8 @@ MOVING = [
     "barrier",
 ]
 OPS = REDUCING + MOVING
-RED_OPS = ["SUM", "AVG", "MAX", "MIN", "PRODUCT"]
+RED_OPS = ["SUM", "AVG", "MAX", "MIN", "PRODUCT", "BAND", "BOR", "BXOR"]
+BITWISE = ("BAND", "BOR", "BXOR")  # integer dtypes only, as on gloo
 
 # Groups of an 8-rank world, by name: sizes 8, 5, 4, 4, 3, 2 and 1; most are
 # not contiguous or do not start at rank 0. "single" is each rank alone (a
@@ -362,7 +363,7 @@ def _matrix_cases(groups, lengths=(13, 1001)) -> list[Case]:
                 for numel in lengths:
                     seed += 1
                     red = RED_OPS[seed % len(RED_OPS)] if op in REDUCING else "SUM"
-                    if red == "AVG" and "float" not in dtype:
+                    if red == "AVG" and "float" not in dtype or red in BITWISE and "float" in dtype:
                         red = "SUM"
                     cases.append(
                         Case(
@@ -381,7 +382,8 @@ def _every_op_every_group(groups) -> list[Case]:
         for op in OPS:
             for red in RED_OPS if op in REDUCING else ["SUM"]:
                 seed += 1
-                cases.append(Case(op, "float32", 37, group, red=red, root=seed, seg_bytes=16, tree_max=0, seed=seed))
+                dtype = "int32" if red in BITWISE else "float32"
+                cases.append(Case(op, dtype, 37, group, red=red, root=seed, seg_bytes=16, tree_max=0, seed=seed))
     return cases
 
 
@@ -392,7 +394,7 @@ def _case_strategy(groups):
     def case(draw):
         op = draw(st.sampled_from(OPS))
         dtype = draw(st.sampled_from(DTYPES))
-        reds = RED_OPS if dtype in float_dtypes else [r for r in RED_OPS if r != "AVG"]
+        reds = [r for r in RED_OPS if r not in BITWISE] if dtype in float_dtypes else [r for r in RED_OPS if r != "AVG"]
         return Case(
             op=op,
             dtype=dtype,
@@ -520,7 +522,7 @@ def _absent_rank_worker(rank: int, world: int, pg_timeout: float):
     out = []
     for name, call in (
         ("all_reduce", lambda: comm.all_reduce(torch.ones(1000), group=tp)),
-        ("all_to_all", lambda: comm.all_to_all_single(torch.empty(3), torch.ones(3), group=ep, async_op=True).wait()),
+        ("all_to_all_single", lambda: comm.all_to_all_single(torch.empty(3), torch.ones(3), group=ep, async_op=True).wait()),
     ):
         t0 = time.perf_counter()
         try:
@@ -534,7 +536,7 @@ def _absent_rank_worker(rank: int, world: int, pg_timeout: float):
 def test_absent_rank_fails_within_timeout_naming_op_and_group():
     pg_timeout = 2.0
     results = run_on_ranks(_absent_rank_worker, 3, pg_timeout, timeout=60, pg_timeout=pg_timeout)
-    for op, group in (("all_reduce", "tp"), ("all_to_all", "ep")):
+    for op, group in (("all_reduce", "tp"), ("all_to_all_single", "ep")):
         kinds = []
         for rank in (0, 1):
             name, kind, msg, seconds = next(r for r in results[rank] if r[0] == op)

@@ -20,7 +20,9 @@ chunk or message, S divisible by n):
 | barrier (dissemination) | ceil(log2 n) bytes | ceil(log2 n) |
 
 The formulas are ``xtrain.formulas``' collectives section. Also checks the
-torch implementation's ledger uses the same ring figures.
+torch implementation's ledger uses the same ring figures. Ledger keys are the
+methods called (``all_gather_into_tensor``), whose family (``op_family``)
+names the formula.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.distributed as dist
 
 from xtrain import formulas as F
 from xtrain.comm import get_comm, label_group
+from xtrain.comm.ledger import op_family
 from xtrain.spawn import run_on_ranks
 
 
@@ -57,7 +60,8 @@ def _ledger_worker(rank: int, world: int, segment_bytes: int):
     comm.gather(torch.ones(k // n), [torch.empty(k // n) for _ in range(n)] if rank == 1 % n else None, dst=1 % n)
     comm.scatter(torch.empty(k // n), [torch.ones(k // n) for _ in range(n)] if rank == 0 else None, src=0)
     comm.barrier()
-    out = {"flat": rows(comm, ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "gather", "scatter", "barrier"))}
+    out = {"flat": rows(comm, ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single", "gather",
+                               "scatter", "barrier"))}
     big = 1 << 40
     direct.TWO_SHOT_MIN_CHUNK_BYTES, direct.TWO_SHOT_MAX_CHUNK_BYTES = 0, big
     comm = get_comm("xtrain")
@@ -76,7 +80,7 @@ def _ledger_worker(rank: int, world: int, segment_bytes: int):
     torch_comm.reduce_scatter_tensor(torch.empty(k // n), torch.ones(k))
     torch_comm.all_gather_into_tensor(torch.empty(k), torch.ones(k // n))
     torch_comm.all_to_all_single(torch.empty(k), torch.ones(k))
-    out["torch"] = rows(torch_comm, ("all_reduce", "reduce_scatter", "all_gather", "all_to_all"))
+    out["torch"] = rows(torch_comm, ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single"))
     return out
 
 
@@ -99,9 +103,9 @@ def test_ledger_bytes_and_messages_match_formulas(n):
         e = firsts[r]
         check(e["all_reduce"], F.ring_traffic("all_reduce", S, n, m), "all_reduce")
         check(others[r]["two_shot"]["all_reduce"], F.two_shot_all_reduce_traffic(S, n), "two-shot")
-        for op in ("reduce_scatter", "all_gather"):
-            check(e[op], F.ring_traffic(op, S, n, m), op)
-        check(e["all_to_all"], F.pairwise_all_to_all_traffic(S, n), "all_to_all")
+        for op in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+            check(e[op], F.ring_traffic(op_family(op), S, n, m), op)
+        check(e["all_to_all_single"], F.pairwise_all_to_all_traffic(S, n), "all_to_all_single")
         groot = 1 % n
         check(e["gather"], F.gather_traffic(chunk, n, r == groot), "gather")
         check(e["scatter"], F.scatter_traffic(chunk, n, r == 0), "scatter")
@@ -122,8 +126,9 @@ def test_ledger_bytes_and_messages_match_formulas(n):
         check(o["chain"]["reduce"], F.chain_reduce_traffic(S, n, r, m_full), "chain reduce")
         # torch's ledger states the ring figures
         t = o["torch"]
-        for op in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all"):
-            assert t[op]["bytes_sent"] == F.ring_bytes(op, S, n), op
+        for op in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single"):
+            assert t[op]["bytes_sent"] == F.ring_bytes(op_family(op), S, n), op
     # every byte sent is received by someone
-    for op in ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "gather", "scatter", "barrier"):
+    for op in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_to_all_single", "gather", "scatter",
+               "barrier"):
         assert sum(f[op]["bytes_sent"] for f in firsts) == sum(f[op]["bytes_recv"] for f in firsts), op

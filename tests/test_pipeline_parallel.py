@@ -76,7 +76,7 @@ def test_pipeline_matches_single(world, tmp_path):
             assert records[-1]["pp_peak_microbatches"] == m
         elif "interleaved" not in layout:
             assert records[-1]["pp_peak_microbatches"] == min(p, m)
-        sends = {k: v for k, v in records[-1]["comm"].items() if k.startswith("send@pp")}
+        sends = {k: v for k, v in records[-1]["comm"].items() if k.startswith(("send@pp", "isend@pp"))}
         assert sends and all(v["bytes_sent"] > 0 for v in sends.values()), records[-1]["comm"].keys()
 
 

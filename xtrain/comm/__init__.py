@@ -6,14 +6,25 @@
 
 Strategies receive a Comm object and never call torch.distributed's
 collectives themselves; both implementations record into a ledger.
+
+Scripts written against torch.distributed switch to the hand-written
+collectives with one line: ``import xtrain.comm.dist as dist`` (see
+``xtrain.comm.dist``).
 """
 
 from __future__ import annotations
 
 from torch.distributed import ReduceOp
 
-from xtrain.comm.base import CollectiveTimeout, Comm, CommError, Work
-from xtrain.comm.groups import SOLO, group_label, group_rank, group_ranks, group_size, label_group
+from xtrain.comm.base import CollectiveTimeout, Comm, CommError, P2POp, Work
+from xtrain.comm.groups import (
+    SOLO,
+    group_label,
+    group_rank,
+    group_ranks,
+    group_size,
+    label_group,
+)
 from xtrain.comm.ledger import Ledger
 
 IMPLEMENTATIONS = ("xtrain", "torch")
@@ -39,6 +50,7 @@ __all__ = [
     "Comm",
     "CommError",
     "Ledger",
+    "P2POp",
     "ReduceOp",
     "Work",
     "get_comm",

@@ -185,18 +185,21 @@ def all_reduce(ch: Channel, flat: torch.Tensor, op) -> None:
         run_ring(ch, 2 * (n - 1), m, send_seg, recv_seg, on_recv, staged=n - 1, depth=depth)
 
 
-def reduce_scatter(ch: Channel, out_flat: torch.Tensor, in_flat: torch.Tensor, op) -> None:
+def reduce_scatter(ch: Channel, out_flat: torch.Tensor, in_flat: torch.Tensor | None, op, chunks=None) -> None:
     """Ring reduce-scatter: ``out_flat`` (1-D) gets chunk ``rank`` of the reduced ``in_flat``.
 
     ``in_flat`` is read only; partial sums rotate through ``DEPTH`` scratch
-    slots (one being sent on while later ones arrive).
+    slots (one being sent on while later ones arrive). ``chunks`` (n
+    contiguous 1-D tensors of ``out_flat``'s length, the list form) stands
+    in for ``in_flat.tensor_split(n)``.
     """
     n, r = ch.size, ch.rank
+    if chunks is None:
+        chunks = list(in_flat.tensor_split(n))
     if n == 1:
-        out_flat.copy_(in_flat)
+        out_flat.copy_(chunks[0])
         reduce_ops.finish(op, out_flat, n)
         return
-    chunks = list(in_flat.tensor_split(n))
     m = segment_count(out_flat.numel(), out_flat.element_size())
     segs = [_segments(c, m) for c in chunks]
     out_segs = _segments(out_flat, m)

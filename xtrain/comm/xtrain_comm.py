@@ -13,7 +13,10 @@ results copied back, so any strided tensor works (torch's backends refuse
 most of them).
 
 Async: an ``async_op=True`` collective runs its algorithm on a background
-thread started at issue, and ``wait()`` joins it. Its messages carry a tag
+thread started at issue; when it finishes, that thread records the call in
+the ledger and completes the handle (``is_completed()``, ``get_future()``),
+so nothing has to wait on it for either; ``wait()`` blocks on that
+completion. Its messages carry a tag
 drawn at issue (see ``p2p``), so two collectives in flight at once, on
 different groups or the same one, progress independently and never match
 each other's messages. Synchronous collectives run on the caller's thread.
@@ -22,21 +25,17 @@ each other's messages. Synchronous collectives run on the caller's thread.
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import suppress
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed import ReduceOp
 
 from xtrain.comm import direct, reduce_ops, ring, tree
-from xtrain.comm.base import Comm, Work, guarded, nbytes
-from xtrain.comm.groups import SOLO, group_size
-from datetime import timedelta
-
+from xtrain.comm.base import WAITERS, CollectiveTimeout, Comm, Work, guarded
+from xtrain.comm.groups import group_label, group_size
 from xtrain.comm.p2p import Channel, default_timeout
-
-
-def _noop():
-    return None
 
 
 def _contiguous_buffer(t: torch.Tensor, keep_values: bool = True) -> torch.Tensor:
@@ -51,9 +50,8 @@ def _write_back(dst: torch.Tensor, buf: torch.Tensor) -> None:
         dst.copy_(buf)
 
 
-def _in_background(body, device: torch.device):
-    """Start ``body()`` on a thread; return the callable that joins it and re-raises its error."""
-    box: dict[str, BaseException] = {}
+def _in_background(body, device: torch.device, done) -> None:
+    """Run ``body()`` on a new thread; then ``done(error)`` there (``None`` on success)."""
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def target():
@@ -66,17 +64,11 @@ def _in_background(body, device: torch.device):
                     with torch.cuda.stream(stream):
                         body()
         except BaseException as e:  # noqa: BLE001 - handed to wait()
-            box["error"] = e
+            done(e)
+            return
+        done()
 
-    thread = threading.Thread(target=target, name="xtrain-comm", daemon=True)
-    thread.start()
-
-    def finish():
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-
-    return finish
+    threading.Thread(target=target, name="xtrain-comm", daemon=True).start()
 
 
 class XtrainComm(Comm):
@@ -94,28 +86,31 @@ class XtrainComm(Comm):
         super().__init__(ledger)
         self.timeout = timeout
 
-    def _wait_limit(self) -> timedelta | None:
+    def _wait_limit(self, timeout: float | None = None) -> timedelta | None:
+        if timeout is not None:
+            return timedelta(seconds=timeout)
         if self.timeout is not None:
             return timedelta(seconds=self.timeout)
         return default_timeout() if dist.is_initialized() else None
 
-    def _launch(self, op: str, group, body, async_op: bool, device: torch.device | None = None):
+    def _launch(self, op: str, group, body, async_op: bool, device: torch.device | None = None, result=None, timeout=None):
         """Run ``body(channel)`` now or on a background thread; record measured bytes and time."""
         with guarded(op, group):
-            ch = Channel(group, self._wait_limit())  # draws the tag on the caller's thread, in issue order
+            ch = Channel(group, self._wait_limit(timeout))  # draws the tag on the caller's thread, in issue order
+        if not async_op:
 
-        def run():
-            if async_op:
-                return _in_background(lambda: body(ch), device or torch.device("cpu"))
-            with torch.no_grad():
-                body(ch)
-            return _noop
+            def run():
+                with torch.no_grad():
+                    body(ch)
 
-        return self._timed(op, group, 0, 0, run, async_op, traffic=ch)
+            return self._run_sync(op, group, run, traffic=ch)
+        return self._start_async(
+            op, group, lambda done: _in_background(lambda: body(ch), device or torch.device("cpu"), done), result, traffic=ch
+        )
 
     # ---- reductions ---------------------------------------------------------------
 
-    def all_reduce(self, tensor, op=ReduceOp.SUM, group=None, async_op=False):
+    def _all_reduce(self, tensor, op, group, async_op):
         reduce_ops.check(op, tensor.dtype)
 
         def body(ch):
@@ -127,20 +122,31 @@ class XtrainComm(Comm):
                 ring.all_reduce(ch, flat, op)
             _write_back(tensor, buf)
 
-        return self._launch("all_reduce", group, body, async_op, tensor.device)
+        return self._launch("all_reduce", group, body, async_op, tensor.device, [tensor])
 
-    def reduce_scatter_tensor(self, output, input, op=ReduceOp.SUM, group=None, async_op=False):
+    def _reduce_scatter_tensor(self, output, input, op, group, async_op, name):
         reduce_ops.check(op, input.dtype)
-        _check_n_times("reduce_scatter_tensor", "input", input, "output", output, group)
+        _check_n_times(name, "input", input, "output", output, group)
 
         def body(ch):
             out = _contiguous_buffer(output, keep_values=False)
             ring.reduce_scatter(ch, out.view(-1), input.contiguous().view(-1), op)
             _write_back(output, out)
 
-        return self._launch("reduce_scatter", group, body, async_op, input.device)
+        return self._launch(name, group, body, async_op, input.device, [output])
 
-    def reduce(self, tensor, dst, op=ReduceOp.SUM, group=None, async_op=False):
+    def _reduce_scatter_list(self, output, input_list, op, group, async_op):
+        reduce_ops.check(op, output.dtype)
+
+        def body(ch):
+            out = _contiguous_buffer(output, keep_values=False)
+            chunks = [t.contiguous().view(-1) for t in input_list]
+            ring.reduce_scatter(ch, out.view(-1), None, op, chunks=chunks)
+            _write_back(output, out)
+
+        return self._launch("reduce_scatter", group, body, async_op, output.device, [output])
+
+    def _reduce(self, tensor, dst, op, group, async_op):
         reduce_ops.check(op, tensor.dtype)
 
         def body(ch):
@@ -150,12 +156,12 @@ class XtrainComm(Comm):
             if ch.rank == root:
                 _write_back(tensor, buf)
 
-        return self._launch("reduce", group, body, async_op, tensor.device)
+        return self._launch("reduce", group, body, async_op, tensor.device, [tensor])
 
     # ---- gathers and broadcast ---------------------------------------------------
 
-    def all_gather_into_tensor(self, output_tensor, input_tensor, group=None, async_op=False):
-        _check_n_times("all_gather_into_tensor", "output", output_tensor, "input", input_tensor, group)
+    def _all_gather_into_tensor(self, output_tensor, input_tensor, group, async_op, name):
+        _check_n_times(name or "all_gather_into_tensor", "output", output_tensor, "input", input_tensor, group)
 
         def body(ch):
             out = _contiguous_buffer(output_tensor, keep_values=False)
@@ -164,9 +170,9 @@ class XtrainComm(Comm):
             ring.all_gather(ch, chunks)
             _write_back(output_tensor, out)
 
-        return self._launch("all_gather", group, body, async_op, input_tensor.device)
+        return self._launch(name, group, body, async_op, input_tensor.device, [output_tensor])
 
-    def all_gather(self, tensor_list, tensor, group=None, async_op=False):
+    def _all_gather(self, tensor_list, tensor, group, async_op):
         n = group_size(group)
         if len(tensor_list) != n or any(t.numel() != tensor.numel() for t in tensor_list):
             raise ValueError(f"all_gather: need {n} output tensors of {tensor.numel()} elements each")
@@ -178,18 +184,18 @@ class XtrainComm(Comm):
             for t, b in zip(tensor_list, bufs):
                 _write_back(t, b)
 
-        return self._launch("all_gather", group, body, async_op, tensor.device)
+        return self._launch("all_gather", group, body, async_op, tensor.device, list(tensor_list))
 
-    def broadcast(self, tensor, src, group=None, async_op=False):
+    def _broadcast(self, tensor, src, group, async_op):
         def body(ch):
             root = ch.group_rank_of(src)
             buf = _contiguous_buffer(tensor, keep_values=ch.rank == root)
             tree.broadcast(ch, buf.view(-1), root)
             _write_back(tensor, buf)
 
-        return self._launch("broadcast", group, body, async_op, tensor.device)
+        return self._launch("broadcast", group, body, async_op, tensor.device, [tensor])
 
-    def gather(self, tensor, gather_list=None, dst=0, group=None, async_op=False):
+    def _gather(self, tensor, gather_list, dst, group, async_op):
         def body(ch):
             root = ch.group_rank_of(dst)
             piece = tensor.contiguous().view(-1)
@@ -202,9 +208,9 @@ class XtrainComm(Comm):
             for t, b in zip(gather_list, bufs):
                 _write_back(t, b)
 
-        return self._launch("gather", group, body, async_op, tensor.device)
+        return self._launch("gather", group, body, async_op, tensor.device, list(gather_list or []))
 
-    def scatter(self, tensor, scatter_list=None, src=0, group=None, async_op=False):
+    def _scatter(self, tensor, scatter_list, src, group, async_op):
         def body(ch):
             root = ch.group_rank_of(src)
             buf = _contiguous_buffer(tensor, keep_values=False)
@@ -215,13 +221,11 @@ class XtrainComm(Comm):
             direct.scatter(ch, buf.view(-1), pieces, root)
             _write_back(tensor, buf)
 
-        return self._launch("scatter", group, body, async_op, tensor.device)
+        return self._launch("scatter", group, body, async_op, tensor.device, [tensor])
 
     # ---- all-to-all --------------------------------------------------------------
 
-    def all_to_all_single(
-        self, output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
-    ):
+    def _all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, group, async_op):
         n = group_size(group)
         in_splits = _splits("input", input, input_split_sizes, n)
         out_splits = _splits("output", output, output_split_sizes, n)
@@ -234,9 +238,9 @@ class XtrainComm(Comm):
             direct.all_to_all(ch, outs, ins)
             _write_back(output, out)
 
-        return self._launch("all_to_all", group, body, async_op, input.device)
+        return self._launch("all_to_all_single", group, body, async_op, input.device, [output])
 
-    def all_to_all(self, output_tensor_list, input_tensor_list, group=None, async_op=False):
+    def _all_to_all(self, output_tensor_list, input_tensor_list, group, async_op):
         n = group_size(group)
         if len(output_tensor_list) != n or len(input_tensor_list) != n:
             raise ValueError(f"all_to_all: need {n} input and {n} output tensors")
@@ -248,32 +252,91 @@ class XtrainComm(Comm):
             for t, b in zip(output_tensor_list, bufs):
                 _write_back(t, b)
 
-        return self._launch("all_to_all", group, body, async_op, input_tensor_list[0].device)
-
-    # ---- synchronisation and point-to-point ----------------------------------------
-
-    def barrier(self, group=None, async_op=False):
-        return self._launch("barrier", group, direct.barrier, async_op)
-
-    def isend(self, tensor, dst, group=None, tag=0):
-        pg = None if group is SOLO else group
-        return self._timed("send", group, nbytes(tensor), 0, lambda: dist.isend(tensor, dst, group=pg, tag=tag).wait, True)
-
-    def irecv(self, tensor, src=None, group=None, tag=0):
-        pg = None if group is SOLO else group
-        return self._timed("recv", group, 0, nbytes(tensor), lambda: dist.irecv(tensor, src, group=pg, tag=tag).wait, True)
-
-    def send(self, tensor, dst, group=None, tag=0):
-        self.isend(tensor, dst, group, tag).wait()
-
-    def recv(self, tensor, src=None, group=None, tag=0):
-        """Blocking receive; returns the sender's global rank (any sender when ``src`` is None)."""
-        pg = None if group is SOLO else group
-        sender = []
-        self._timed(
-            "recv", group, 0, nbytes(tensor), lambda: (sender.append(dist.recv(tensor, src, group=pg, tag=tag)), _noop)[1], False
+        return self._launch(
+            "all_to_all", group, body, async_op, input_tensor_list[0].device, list(output_tensor_list)
         )
-        return sender[0]
+
+    # ---- synchronisation -----------------------------------------------------------
+
+    def _barrier(self, group, async_op, timeout):
+        return self._launch("barrier", group, direct.barrier, async_op, timeout=timeout)
+
+    def _monitored_barrier(self, group, timeout, wait_all_ranks):
+        limit = timeout
+        if limit is None:
+            default = self._wait_limit()
+            limit = default.total_seconds() if default is not None else 1800.0
+        with guarded("monitored_barrier", group):
+            ch = Channel(group, None)
+        if ch.size == 1:
+            return
+        t0 = time.perf_counter()
+        failed = _monitored(ch, limit, wait_all_ranks)
+        if failed is not None:
+            raise CollectiveTimeout(f"monitored_barrier on group '{group_label(group)}' failed: {failed}")
+        self._record("monitored_barrier", group, ch.sent, ch.recv, t0, None, time.perf_counter() - t0, ch.messages)
+        return
+
+
+def _watch(ch: Channel, work, keep) -> threading.Event:
+    """An event set once ``work`` (a backend send/receive) completes; a waiter thread waits on it.
+
+    ``keep`` (the message's tensors) stays referenced until then: the message
+    may still land after the caller has given up on it.
+    """
+    ev = threading.Event()
+
+    def body():
+        with suppress(BaseException):  # a failed message never arrived: the event stays clear
+            if work is not None:
+                work.wait()
+            ev.set()
+        keep.clear()
+
+    WAITERS.submit(body)
+    return ev
+
+
+def _monitored(ch: Channel, limit: float, wait_all_ranks: bool) -> str | None:
+    """The monitored barrier on ``ch``: ``None`` if every rank arrived, else the report.
+
+    Group rank 0 collects one token from every rank, waiting until ``limit``
+    seconds after its own arrival, then sends every rank a status: the
+    group ranks that did not arrive (the first one, or all with
+    ``wait_all_ranks``). The others send their token and wait for the status
+    (up to twice ``limit``, since rank 0 may itself arrive late).
+    """
+    n = ch.size
+    if ch.rank == 0:
+        deadline = time.monotonic() + limit
+        tokens = {p: torch.zeros(1, dtype=torch.uint8) for p in range(1, n)}
+        arrived = {p: _watch(ch, ch.recv_from(tokens[p], p, 0), [tokens[p]]) for p in range(1, n)}
+        missing = []
+        for p in range(1, n):
+            if not arrived[p].wait(max(0.0, deadline - time.monotonic())):
+                missing.append(p)
+                if not wait_all_ranks:
+                    break
+        status = torch.zeros(n, dtype=torch.int32)
+        for p in missing:
+            status[p] = 1
+        sends = {p: _watch(ch, ch.send_to(status, p, 1), [status]) for p in range(1, n)}
+        for p in range(1, n):
+            if p not in missing:
+                sends[p].wait(limit)
+    else:
+        status = torch.zeros(n, dtype=torch.int32)
+        got = _watch(ch, ch.recv_from(status, 0, 1), [status])
+        token = torch.zeros(1, dtype=torch.uint8)
+        _watch(ch, ch.send_to(token, 0, 0), [token])
+        if not got.wait(2 * limit):
+            return f"group rank 0 (global rank {ch.global_rank(0)}) did not release it within {2 * limit:g} s"
+        missing = [p for p in range(n) if status[p]]
+    if not missing:
+        return None
+    ranks = [ch.global_rank(p) for p in missing]
+    which = "ranks" if len(ranks) > 1 else "rank"
+    return f"global {which} {', '.join(map(str, ranks))} did not arrive within {limit:g} s"
 
 
 def _place(dst_flat: torch.Tensor, src: torch.Tensor) -> None:
@@ -309,4 +372,4 @@ def _splits(name: str, t: torch.Tensor, sizes, n: int) -> list[int]:
     return sizes
 
 
-__all__ = ["XtrainComm", "Work"]
+__all__ = ["Work", "XtrainComm"]
