@@ -25,7 +25,7 @@ def test_each_impossible_config_is_named():
     assert "above the model's limit model.max_seq_len=256" in problems(["train.seq_len=300"])
     assert "do not match world size 4" in problems(["strategy=dp", "strategy.dp=3"], world=4)
     assert "cannot be inferred" in problems(["strategy=dp", "strategy.tp=3"], world=4)
-    assert "strategy=zero3 does not support ep=2" in problems(["strategy=zero3", "strategy.ep=2"], world=4)
+    assert "strategy=zero3 does not support tp=2" in problems(["strategy=zero3", "strategy.tp=2"], world=4)
     assert "strategy=single runs one process, but the world size is 2" in problems([], world=2)
     assert "comm='nccl' is not one of" in problems(["comm=nccl"])
     assert "precision='fp8'" in problems(["precision=fp8"])

@@ -10,7 +10,7 @@
 - Training parity, 10 steps, model=tiny_moe with the aux and z losses turned
   up (1.0 and 0.1, so a wrong scale shows: the aux loss alone moves the
   parameters by 1e-2): ep2 and ep4 with both routers and both dispatchers,
-  capacity mode, 2 micro-batches, ep2 x dp2 (ddp, zero1), ep2 x tp2 (and
+  capacity mode, 2 micro-batches, ep2 x dp2 (ddp, zero1, zero3), ep2 x tp2 (and
   zero2), ep2 x pp2, ep2 x cp2; checkpoints resume exactly (the router's
   bias included), at another ep degree, and consolidate.
 """
@@ -146,6 +146,7 @@ FOUR = [
     "strategy=ep strategy.pp=2 train.micro_batches=2",
     "strategy=ep strategy.cp=2",
     "strategy=zero2 strategy.ep=2 strategy.tp=2",
+    "strategy=zero3 strategy.ep=2 strategy.ep_dispatch=allgather",
 ]
 
 
@@ -220,7 +221,7 @@ def _problems(overrides, world):
         (["model=tiny_moe", "strategy=ep", "strategy.ep_dispatch=ring"], 2, "strategy.ep_dispatch='ring' is not one of ['alltoall', 'allgather']"),
         (["model=tiny_moe", "model.top_k=5"], 1, "top_k"),
         (["model=tiny_moe", "model.router=bogus"], 1, "model.router='bogus'"),
-        (["model=tiny_moe", "strategy=zero3", "strategy.ep=2"], 2, "strategy=zero3 does not support ep=2"),
+        (["model=tiny_moe", "strategy=ep", "strategy.tp=2"], 2, "ep=2 does not divide the data-parallel degree dp=1"),
         (["model=tiny_moe", "strategy=tp", "strategy.sp=true"], 2, "strategy.sp=true with a mixture-of-experts model"),
     ],
 )

@@ -436,3 +436,47 @@ def cp_attention_bytes(variant: str, cp: int, B: int, H: int, K: int, Tl: int, E
         moved = sum(ring_bytes("all_to_all", B * h * Tl * E * elem, cp) for h in (H, K, K, H))
         return {"forward": moved, "backward": moved}
     raise ValueError(f"no byte formula for cp variant {variant!r}")
+
+
+# -- expert parallel: bytes per MoE layer -------------------------------------------------------
+
+
+def ep_dispatch_bytes(dispatcher: str, me: int, ep: int, D: int, elem: int, n_experts: int, *,
+                      rows_to=None, rows_from=None, N: int = 0, top_k: int = 0) -> dict[str, int]:
+    """Bytes rank ``me`` sends on the ep group in one MoE layer's ``forward`` and
+    ``backward`` (xtrain/parallel/expert.py), activations of ``elem`` bytes:
+
+    - ``alltoall`` (``rows_to[r]``: assignments this rank sends rank r's experts,
+      ``rows_from[r]``: what rank r sends this rank's): forward the count
+      exchange ((ep-1)·E/ep int64), the tokens out (Σ_{r≠me} rows_to[r]·D·elem)
+      and the outputs back (Σ_{r≠me} rows_from[r]·D·elem); backward the same two
+      token exchanges reversed (their gradients), no counts. Without
+      ``rows_to``/``rows_from``: uniform routing, top_k·N/ep assignments to and
+      from each rank, so each token exchange is top_k·N·D·elem·(ep-1)/ep;
+    - ``allgather`` (N tokens per rank): forward all-gathers of x ((ep-1)·N·D·elem),
+      the fp32 gates and the int64 expert indices ((ep-1)·N·top_k·(4 + 8)), and a
+      reduce-scatter of the fp32 outputs ((ep-1)·N·D·4); backward an all-gather of
+      the outputs' fp32 gradient ((ep-1)·N·D·4) and reduce-scatters of the
+      gradients of x ((ep-1)·N·D·elem) and of the gates ((ep-1)·N·top_k·4).
+
+    Ring figures (``ring_bytes``) for the all-gathers and reduce-scatters.
+    Checked against the ledger by tests/test_ep_formulas.py."""
+    if dispatcher == "alltoall":
+        if rows_to is None:
+            rows_to = rows_from = [top_k * N / ep] * ep
+        out = all_to_all_bytes([r * D * elem for r in rows_to], me)
+        back = all_to_all_bytes([r * D * elem for r in rows_from], me)
+        counts = all_to_all_bytes([n_experts // ep * 8] * ep, me)
+        return {"forward": counts + out + back, "backward": out + back}
+    if dispatcher == "allgather":
+        def ag(b):
+            return ring_bytes("all_gather", ep * b, ep)
+
+        def rs(b):
+            return ring_bytes("reduce_scatter", ep * b, ep)
+
+        fwd = ag(N * D * elem) + ag(N * top_k * 4) + ag(N * top_k * 8) + rs(N * D * 4)
+        bwd = ag(N * D * 4) + rs(N * D * elem) + rs(N * top_k * 4)
+        return {"forward": fwd, "backward": bwd}
+    raise ValueError(f"no byte formula for ep dispatcher {dispatcher!r}")
+

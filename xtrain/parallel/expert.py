@@ -9,8 +9,11 @@ aux loss and training are the same at any world size and micro-batch count:
 - f_i (each expert's share of assignments) must be known before any backward;
   when one forward does not see the whole step (micro-batches > 1, or several
   data ranks) and the aux loss is on, a no-grad forward of this rank's batch
-  counts them first (one extra forward per step) and one all-reduce sums
-  them over the data axes. Routing is per token, so those counts are exact.
+  counts them first and one all-reduce sums them over the data axes. Routing
+  is per token, so those counts are exact. It is a whole forward (each
+  layer's routing depends on the layers before it), dispatch exchanges
+  included: under ep about +50% of the step's all-to-all bytes, measured in
+  docs/expert-parallel.md.
 - each layer then adds its share coef·E·Σ f_i·prob_sum_i/N + z_coef·z_sum/N
   (N the step's global tokens) to its own backward (``AttachLoss``); the
   shares sum to the global loss, and their gradient is scaled by the number
@@ -29,7 +32,8 @@ shares of all its ep peers' tokens. Dispatch (``strategy.ep_dispatch``):
 - ``alltoall`` (GShard, arXiv:2006.16668; Megatron's alltoall dispatcher):
   sort assignments by expert, exchange counts, all-to-all the tokens with
   uneven splits, regroup by local expert, run the experts, and undo every step;
-  top_k·N·D·(ep-1)/ep elements each way per layer (about);
+  each of the layer's four token exchanges (two forward, two backward) moves
+  about top_k·N·D·(ep-1)/ep elements each way (``formulas.ep_dispatch_bytes``);
 - ``allgather``: all-gather every ep rank's tokens and gates, run the local
   experts on the assignments that are theirs, reduce-scatter the outputs back.
 """

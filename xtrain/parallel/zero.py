@@ -356,7 +356,7 @@ class Zero3(Zero):
 
     name = "zero3"
     stage = 3
-    supported_axes = ("dp", "cp")
+    supported_axes = ("dp", "cp", "ep")
 
     @torch.no_grad()
     def apply_data_parallel(self, model: nn.Module) -> nn.Module:
