@@ -65,3 +65,20 @@ def assert_parity(reference, candidate, loss_rtol=1e-5, param_atol=1e-5, label="
         for name, ref in ref_params.items():
             diff = (params[name] - ref).abs().max().item()
             assert diff <= param_atol, f"{label}: parameter {name} differs by {diff:.3g}"
+
+
+def assert_consolidates(step_dir, ref_params, out, atol=1e-5):
+    """scripts/consolidate_ckpt.py writes one file from ``step_dir`` whose tensors are ``ref_params``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "consolidate_ckpt.py"
+    proc = subprocess.run([sys.executable, str(script), str(step_dir), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    full = load_file(str(out))
+    for name, t in ref_params.items():
+        assert full[name].shape == t.shape and (full[name] - t).abs().max() <= atol, name

@@ -16,14 +16,10 @@
 """
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 import torch
-from parity import TINY_10_STEPS, assert_parity, run_config, run_many, single_reference
+from parity import TINY_10_STEPS, assert_consolidates, assert_parity, run_config, run_many, single_reference
 
 from xtrain.comm import get_comm
 from xtrain.config import check_config, compose
@@ -198,14 +194,7 @@ def test_expert_parallel_matches_single(world, tmp_path):
     if world == 2:
         assert (ckpt / "checkpoints" / "step_000005" / "buffers.safetensors").is_file()
     else:
-        script = Path(__file__).resolve().parents[1] / "scripts" / "consolidate_ckpt.py"
-        out = tmp_path / "full.safetensors"
-        proc = subprocess.run([sys.executable, str(script), str(ckpt / "checkpoints" / "step_000010"), "--out", str(out)],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        full = load_file(str(out))
-        for name, t in ref[1].items():
-            assert full[name].shape == t.shape and (full[name] - t).abs().max() <= 1e-5, name
+        assert_consolidates(ckpt / "checkpoints" / "step_000010", ref[1], tmp_path / "full.safetensors")
 
 
 def _problems(overrides, world):

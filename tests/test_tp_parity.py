@@ -5,14 +5,10 @@ comm xtrain and torch. Plus tp checkpoints: exact resume, consolidation, and a
 move to another layout."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from parity import TINY_10_STEPS, assert_parity, run_many, single_reference
+from parity import TINY_10_STEPS, assert_consolidates, assert_parity, run_many, single_reference
 
 BASE = TINY_10_STEPS
 LAYOUTS = {
@@ -50,14 +46,7 @@ def test_tensor_parallel_matches_single(world, tmp_path):
         assert_parity((ref[0][5:], ref[1]), moved, label="resumed as tp=4")
         manifest = json.loads((ckpt / "checkpoints" / "step_000010" / "shards.json").read_text())
         assert manifest["tp"] == 2 and "embed.weight" in manifest["tp_shards"]
-        script = Path(__file__).resolve().parents[1] / "scripts" / "consolidate_ckpt.py"
-        out = tmp_path / "full.safetensors"
-        proc = subprocess.run([sys.executable, str(script), str(ckpt / "checkpoints" / "step_000010"), "--out", str(out)],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        full = load_file(str(out))
-        for name, t in ref[1].items():
-            assert full[name].shape == t.shape and (full[name] - t).abs().max() <= 1e-5, name
+        assert_consolidates(ckpt / "checkpoints" / "step_000010", ref[1], tmp_path / "full.safetensors")
 
 
 def test_tensor_parallel_config_errors():

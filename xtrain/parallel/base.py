@@ -2,14 +2,18 @@
 its optimizer and its training step.
 
 ``parallelize`` applies the model transforms in a fixed order (pipeline
-split, then tensor parallel; torchtitan's order), builds the step runner
+split, tensor parallel, context parallel, expert parallel, MoE balancing;
+torchtitan's order), builds the step runner
 (the plain micro-batch loop, or the pipeline executor), then the data-parallel
 flavour of the subclass. The trainer then calls, per optimizer step::
 
+    x, y = strategy.take_columns(x, y)        # cp: this rank's columns of each sequence
+    strategy.begin_step(x, y, micro_batches, autocast)
     loss = strategy.runner.forward_backward(x, y, micro_batches, autocast)
     strategy.reduce_gradients(model)
     norm = strategy.clip_grad_norm_(model, max_norm)
     strategy.optimizer_step(optimizer)
+    figures = strategy.end_step()             # step hooks: MoE balancing's global load
     strategy.zero_grad(model, optimizer)
 
 The runner wraps the last backward of each model chunk in the step in
@@ -19,7 +23,10 @@ gradient reduction there (ddp arms that chunk's buckets).
 Everything generic here reads the parameters' placement marks
 (``xtrain.parallel.placement``), never a mesh axis by name: each transform
 marks what it changes, adds the axes it splits the model over to
-``model_axes``, and may replace ``loss_fn`` or ``runner_cls``.
+``model_axes``, the axes that split the batch to ``batch_axes`` (rows) or
+``seq_layout`` (columns) and ``data_axes`` (each rank's loss a share of the
+mean: gradients average there), and may replace ``loss_fn`` or
+``runner_cls`` or add a step hook.
 A strategy reads its options and the mesh; it never reaches back into the
 config or the launcher.
 """
@@ -64,7 +71,7 @@ class Strategy:
         self.seq_parts = 1  # parts this rank's sequence activations are split into between blocks (sp)
         self.batch_axes: list[str] = ["dp"]  # axes the batch's sequences are split over (ep joins)
         self.data_axes: list[str] = ["dp"]  # axes each rank's loss is one share of: gradients average there (cp, ep join)
-        self.step_hooks: list = []  # objects with begin(x, y, micro_batches) and end() -> figures (MoE balancing)
+        self.step_hooks: list = []  # objects with begin(x, y, micro_batches, autocast) and end() -> figures (MoE balancing)
         self.seq_layout = None  # which columns of each sequence this rank holds (cp); None: all
         self.runner_cls = MicroBatchRunner
         self.runner = None
