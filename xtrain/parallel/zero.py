@@ -277,9 +277,10 @@ class Zero(Strategy):
         layout records how each name's tp shards join back (``tp_shards``);
         under pp, per stage (``pp1/head.decay``). The dp-rank-0 member of each
         dp line writes the manifest of its groups (rank 0's is ``shards.json``).
-        Under ep the experts' slices lie on other lines than the dense weights':
-        the checkpoint is written whole instead (the canonical form)."""
-        if self.mesh.degrees["ep"] > 1:
+        When some groups are sliced over other ranks than the data line (experts
+        under ep, over their replicas only), the manifest could not name their
+        holders: the checkpoint is written whole instead (the canonical form)."""
+        if any(g.group is not self.group for g in self.groups):
             return Strategy.checkpoint_files(self, model, optimizer)
         tp, t = self.mesh.degrees["tp"], self.mesh.coord("tp")
         # groups differ per tp rank and per pipeline stage: their names say whose they are
