@@ -170,3 +170,24 @@ def test_zigzag_balances_causal_work_and_skips_masked_blocks():
     table = ring_table(SequenceLayout("zigzag", 4))
     assert table[0] == ["kv0:causal", "kv3:0.5", "kv2:0.5", "kv1:0.5"]
     assert ring_table(SequenceLayout("contiguous", 2)) == [["kv0:causal", "kv1:skip"], ["kv1:causal", "kv0:full"]]
+
+
+def test_math_kernel_never_holds_a_whole_sequence_score_matrix(monkeypatch):
+    """Ulysses' local attention on the math path runs in tiles: no T x T scores."""
+    from xtrain.parallel.context import kernels
+
+    shapes = []
+    scores = kernels._scores
+    monkeypatch.setattr(kernels, "_scores", lambda q, k, causal, scale: shapes.append(q.shape[2] * k.shape[2]) or scores(q, k, causal, scale))
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 32, 8, generator=g), torch.randn(2, 2, 32, 8, generator=g), torch.randn(2, 2, 32, 8, generator=g)
+    out, lse = kernels.attend_causal_tiled(q, k, v, 4, 8**-0.5, kernel="math")
+    ref, ref_lse, *_ = _reference(q, k, v)
+    dout = torch.randn_like(out)
+    dq, dk, dv = kernels.attend_causal_tiled_backward(dout, q, k, v, out, lse, 4, 8**-0.5, kernel="math")
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    rep = F.scaled_dot_product_attention(qr, kr.repeat_interleave(2, 1), vr.repeat_interleave(2, 1), is_causal=True)
+    rep.backward(dout)
+    assert max(shapes) == 8 * 8  # (T/4)^2, never 32 x 32
+    for a, b in ((out, ref), (lse, ref_lse), (dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
+        assert (a - b).abs().max() <= 1e-5

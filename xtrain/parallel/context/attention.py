@@ -27,7 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from xtrain.comm import ReduceOp
-from xtrain.parallel.context.kernels import attend, attend_backward, merge_
+from xtrain.parallel.context.kernels import (
+    attend,
+    attend_backward,
+    attend_causal_tiled,
+    attend_causal_tiled_backward,
+    merge_,
+    uses_math,
+)
 from xtrain.parallel.context.layout import SequenceLayout
 
 VARIANTS = ("ring", "allgather", "ulysses")
@@ -64,7 +71,7 @@ def context_attention(q, k, v, cp: CPGroup, variant: str = "ring", return_lse: b
         out, lse = _AllGather.apply(q, k, v, cp)
     elif variant == "ulysses":
         qh, kh, vh = (_SeqToHeads.apply(t, cp) for t in (q, k, v))
-        out_h, lse_h = _LocalCausal.apply(qh, kh, vh, cp.kernel)
+        out_h, lse_h = _LocalCausal.apply(qh, kh, vh, cp.kernel, cp.size)
         out = _HeadsToSeq.apply(out_h, cp)
         lse = _heads_to_seq(lse_h.unsqueeze(-1), cp).squeeze(-1) if return_lse else None
     else:
@@ -250,11 +257,14 @@ class _HeadsToSeq(torch.autograd.Function):
 
 
 class _LocalCausal(torch.autograd.Function):
-    """Whole-sequence causal attention through the same kernel (lse kept for tests)."""
+    """Whole-sequence causal attention through the same kernel (lse kept for tests).
+    A fused kernel tiles by itself; the math path runs in ``tiles`` × ``tiles``
+    blocks, so no rank ever holds a T × T score matrix."""
 
     @staticmethod
-    def forward(ctx, q, k, v, kernel):
-        out, lse = attend(q, k, v, True, q.shape[-1] ** -0.5, kernel)
+    def forward(ctx, q, k, v, kernel, tiles):
+        ctx.tiles = tiles if uses_math(q, kernel) else 1
+        out, lse = attend_causal_tiled(q, k, v, ctx.tiles, q.shape[-1] ** -0.5, kernel)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.kernel = kernel
         ctx.mark_non_differentiable(lse)
@@ -263,5 +273,5 @@ class _LocalCausal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attend_backward(dout, q, k, v, out, lse, True, q.shape[-1] ** -0.5, ctx.kernel)
-        return dq, dk, dv, None
+        dq, dk, dv = attend_causal_tiled_backward(dout, q, k, v, out, lse, ctx.tiles, q.shape[-1] ** -0.5, ctx.kernel)
+        return dq, dk, dv, None, None

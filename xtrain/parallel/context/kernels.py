@@ -129,6 +129,55 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
     return dq.to(q.dtype), _fold_kv(dk, K).to(k.dtype), _fold_kv(dv, K).to(v.dtype)
 
 
+# -- whole-sequence causal attention in tiles (Ulysses' local step) --------------------
+
+
+def uses_math(q, kernel: str) -> bool:
+    """Whether blocks on ``q``'s device run as plain math (which materializes scores)."""
+    return _kind(q, kernel) == "math"
+
+
+def attend_causal_tiled(q, k, v, tiles: int, scale: float, kernel: str = "auto"):
+    """Causal attention over the whole sequence as ``tiles`` × ``tiles`` blocks
+    (query tile i against key tiles j <= i, merged through the lse), so the
+    math path never holds more than a (T/tiles)² score block."""
+    T = q.shape[2]
+    c = T // tiles
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for i in range(tiles):
+        rows = slice(i * c, (i + 1) * c)
+        for j in range(i + 1):
+            cols = slice(j * c, (j + 1) * c)
+            o_b, l_b = attend(q[:, :, rows].contiguous(), k[:, :, cols].contiguous(), v[:, :, cols].contiguous(), i == j, scale, kernel)
+            if j == 0:
+                out[:, :, rows].copy_(o_b)
+                lse[:, :, rows].copy_(l_b)
+            else:
+                merge_(out[:, :, rows], lse[:, :, rows], o_b, l_b)
+    return out.to(q.dtype), lse
+
+
+def attend_causal_tiled_backward(dout, q, k, v, out, lse, tiles: int, scale: float, kernel: str = "auto"):
+    """The backward of ``attend_causal_tiled``, block by block from the final out and lse."""
+    T = q.shape[2]
+    c = T // tiles
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for i in range(tiles):
+        rows = slice(i * c, (i + 1) * c)
+        for j in range(i + 1):
+            cols = slice(j * c, (j + 1) * c)
+            g = attend_backward(dout[:, :, rows].contiguous(), q[:, :, rows].contiguous(), k[:, :, cols].contiguous(),
+                                v[:, :, cols].contiguous(), out[:, :, rows].contiguous(), lse[:, :, rows].contiguous(),
+                                i == j, scale, kernel)
+            dq[:, :, rows] += g[0]
+            dk[:, :, cols] += g[1]
+            dv[:, :, cols] += g[2]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 # -- merge ----------------------------------------------------------------------------
 
 
