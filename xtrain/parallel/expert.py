@@ -224,12 +224,10 @@ class AllToAllDispatcher:
         got = got.view(ep, local)
         in_splits, out_splits = counts.view(ep, local).sum(1).tolist(), got.sum(1).tolist()
         x_recv = _AllToAll.apply(x_sorted, out_splits, in_splits, self.comm, self.group)
-        # received by source rank, then expert: regroup by local expert (source order inside)
-        starts = torch.cumsum(got.reshape(-1), 0) - got.reshape(-1)
-        perm = torch.cat([
-            torch.arange(int(starts[s * local + e]), int(starts[s * local + e] + got[s, e]), device=x_ND.device)
-            for e in range(local) for s in range(ep)
-        ]) if x_recv.shape[0] else torch.zeros(0, dtype=torch.long, device=x_ND.device)
+        # received by source rank, then expert: regroup by local expert (source order
+        # inside), one stable sort on each row's (expert, source) key, no host syncs
+        key = torch.arange(local, device=got.device).repeat(ep) * ep + torch.arange(ep, device=got.device).repeat_interleave(local)
+        perm = torch.argsort(key.repeat_interleave(got.reshape(-1)), stable=True)
         y_local = experts.run(x_recv[perm], got.sum(0))
         inverse = torch.empty_like(perm)
         inverse[perm] = torch.arange(perm.numel(), device=perm.device)

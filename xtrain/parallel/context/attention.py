@@ -70,9 +70,9 @@ def context_attention(q, k, v, cp: CPGroup, variant: str = "ring", return_lse: b
     elif variant == "allgather":
         out, lse = _AllGather.apply(q, k, v, cp)
     elif variant == "ulysses":
-        qh, kh, vh = (_SeqToHeads.apply(t, cp) for t in (q, k, v))
+        qh, kh, vh = (_Exchange.apply(t, cp, _seq_to_heads, _heads_to_seq) for t in (q, k, v))
         out_h, lse_h = _LocalCausal.apply(qh, kh, vh, cp.kernel, cp.size)
-        out = _HeadsToSeq.apply(out_h, cp)
+        out = _Exchange.apply(out_h, cp, _heads_to_seq, _seq_to_heads)
         lse = _heads_to_seq(lse_h.unsqueeze(-1), cp).squeeze(-1) if return_lse else None
     else:
         raise ValueError(f"strategy.cp_attn={variant!r} is not one of {list(VARIANTS)}")
@@ -234,26 +234,17 @@ def _heads_to_seq(z: torch.Tensor, cp: CPGroup) -> torch.Tensor:
     return got.transpose(0, 1).reshape(B, n * h, T // n, E)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cp):
-        ctx.cp = cp
-        return _seq_to_heads(x, cp)
+class _Exchange(torch.autograd.Function):
+    """``there(x, cp)`` forward, its inverse ``back`` backward (the all-to-all pair)."""
 
     @staticmethod
-    def backward(ctx, dz):
-        return _heads_to_seq(dz.contiguous(), ctx.cp), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, cp):
-        ctx.cp = cp
-        return _heads_to_seq(z, cp)
+    def forward(ctx, x, cp, there, back):
+        ctx.cp, ctx.back = cp, back
+        return there(x, cp)
 
     @staticmethod
-    def backward(ctx, dx):
-        return _seq_to_heads(dx.contiguous(), ctx.cp), None
+    def backward(ctx, g):
+        return ctx.back(g.contiguous(), ctx.cp), None, None, None
 
 
 class _LocalCausal(torch.autograd.Function):

@@ -141,6 +141,8 @@ def attend_causal_tiled(q, k, v, tiles: int, scale: float, kernel: str = "auto")
     """Causal attention over the whole sequence as ``tiles`` × ``tiles`` blocks
     (query tile i against key tiles j <= i, merged through the lse), so the
     math path never holds more than a (T/tiles)² score block."""
+    if tiles == 1:  # a fused kernel tiles by itself
+        return attend(q, k, v, True, scale, kernel)
     T = q.shape[2]
     c = T // tiles
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -160,6 +162,8 @@ def attend_causal_tiled(q, k, v, tiles: int, scale: float, kernel: str = "auto")
 
 def attend_causal_tiled_backward(dout, q, k, v, out, lse, tiles: int, scale: float, kernel: str = "auto"):
     """The backward of ``attend_causal_tiled``, block by block from the final out and lse."""
+    if tiles == 1:
+        return attend_backward(dout, q, k, v, out, lse, True, scale, kernel)
     T = q.shape[2]
     c = T // tiles
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
